@@ -1,0 +1,179 @@
+"""The command line: ``microctsynth <command> ...`` = ``python -m MicroCTSynthLib <command> ...``.
+
+The same entry point serves a terminal, a headless server, ``torchrun`` and the Slicer
+module's background process (``PythonSlicer -m MicroCTSynthLib ... --progress json``).
+
+Each command's arguments are declared here; the work is done by ``command_<name>(args)`` in
+the engine module named in :data:`COMMANDS`, imported only when that command runs so that
+``--help`` answers at once. A :class:`MicroCTSynthError` ends the run with its sentence on
+stderr (and as a JSON ``error`` event with ``--progress json``) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import MicroCTSynthError
+from .progress import MODES, emit_json
+
+#: command -> (engine module, one-line help)
+COMMANDS = {
+    "phantom": ("phantom", "make the inner-ear phantom: paired CT / micro-CT specimens with their true tissue maps"),
+    "register": ("registration", "register a CT (moving) onto a micro-CT (fixed) with Mattes mutual information"),
+    "tissue-map": ("tissue", "make the air / soft tissue / bone map of a micro-CT (multi-Otsu + closing)"),
+    "prepare": ("prepare", "the thesis' pre-processing of every case: registration, resampled CT, tissue maps"),
+    "evaluate": ("metrics", "Dice, HD95 per class and the perceptual error of a prediction"),
+    "train": ("train", "train the single-task or multitask 3D cGAN on a leave-2-out group"),
+    "synthesize": ("synthesize", "synthesize micro-CT and tissue map from a CT with a trained model"),
+    "atlas": ("atlas", "the atlas baseline: register atlas CTs, warp their tissue maps, majority vote"),
+    "experiment": ("experiment", "the thesis' leave-2-out experiment: train, synthesize, baselines, report"),
+    "demo": ("experiment", "phantom -> prepare -> experiment on group A (quick preset) -> report"),
+}
+
+
+def _progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=MODES, default="bar",
+                   help="progress as a terminal bar (default), one JSON object per line, or none")
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="microctsynth",
+        description="Synthetic micro-CT and tissue maps of the inner ear from clinical CT (3D conditional GANs).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=COMMANDS[name][1], description=COMMANDS[name][1])
+
+    p = add("phantom")
+    p.add_argument("--out", required=True, help="dataset folder to write (one sub-folder per specimen, cases.json)")
+    p.add_argument("--preset", default="quick", help="paper (37.6 um micro-CT), quick (75.2 um) or tiny")
+    p.add_argument("--seed", type=int, default=0, help="base seed; each specimen derives its own from it")
+    p.add_argument("--specimens", default=None, help="comma-separated study codes (default: all six, S3_1,...,S3_12)")
+    _progress(p)
+
+    p = add("register")
+    p.add_argument("--fixed", required=True, help="the micro-CT (fixed image)")
+    p.add_argument("--moving", required=True, help="the CT (moving image)")
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--init", help="initial transform (.tfm, micro-CT point -> CT point)")
+    init.add_argument("--landmarks-fixed", help="landmarks in the micro-CT (CSV x,y,z in mm LPS, or Slicer .mrk.json)")
+    p.add_argument("--landmarks-moving", help="the same landmarks in the CT, in the same order")
+    p.add_argument("--affine", action="store_true", help="add an affine stage after the rigid one")
+    p.add_argument("--out-transform", required=True, help="the estimated transform (.tfm)")
+    p.add_argument("--out-resampled", required=True, help="the CT resampled onto the micro-CT grid")
+    p.add_argument("--downsample", type=int, default=1, choices=(1, 2), help="resample onto the micro-CT grid x2 downsampled")
+    _progress(p)
+
+    p = add("tissue-map")
+    p.add_argument("--microct", required=True, help="micro-CT volume")
+    p.add_argument("--out", required=True, help="tissue map to write (labels 0 outside, 1 air, 2 soft tissue, 3 bone)")
+    p.add_argument("--closing-radius", type=float, default=None, help="radius of each class' binary closing in mm")
+
+    p = add("prepare")
+    p.add_argument("--data", required=True, help="dataset folder with cases.json")
+    p.add_argument("--cases", default=None, help="comma-separated cases (default: all)")
+    p.add_argument("--affine", action="store_true", help="add an affine stage after the rigid one")
+    p.add_argument("--force", action="store_true", help="redo cases that already have their outputs")
+    _progress(p)
+
+    p = add("evaluate")
+    p.add_argument("--reference", required=True, help="reference tissue map")
+    p.add_argument("--prediction", required=True, help="predicted tissue map (same grid)")
+    p.add_argument("--microct", help="micro-CT, for the perceptual error (Eq. 8)")
+    p.add_argument("--synthetic", help="synthetic micro-CT, for the perceptual error (Eq. 8)")
+    p.add_argument("--json", help="write the metrics as JSON here")
+
+    p = add("train")
+    p.add_argument("--data", required=True, help="prepared dataset folder")
+    p.add_argument("--group", default="A", help="leave-2-out group of cases.json (A, B, C or your own)")
+    p.add_argument("--model", choices=("single", "multi"), default="single", help="single-task or multitask cGAN")
+    p.add_argument("--preset", default="quick", help="paper, quick, tiny or a preset JSON file")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, TensorBoard events, pictures)")
+    p.add_argument("--epochs-constant", type=int, default=None, help="epochs at the initial learning rate (preset: n_epochs)")
+    p.add_argument("--epochs-decay", type=int, default=None, help="epochs of linear decay to 0 (preset: n_epochs_decay)")
+    p.add_argument("--resume", nargs="?", const="last", default=None,
+                   help="continue a run: a checkpoint path, or without value the run folder's last.pt")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--seed", type=int, default=0)
+    _device(p)
+    _progress(p)
+
+    p = add("synthesize")
+    p.add_argument("--model", required=True, help="checkpoint of a trained model (RUN/best.pt)")
+    p.add_argument("--ct", required=True, help="the CT (any orientation and spacing)")
+    p.add_argument("--out-microct", required=True, help="synthetic micro-CT to write")
+    p.add_argument("--out-tissue", required=True, help="tissue map to write")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--roi", nargs=2, metavar=("CENTER_MM", "SIZE_MM"),
+                       help="region of interest: centre 'x,y,z' (LPS mm) and size 'sx,sy,sz' or one number (mm)")
+    where.add_argument("--reference-grid", help="synthesize on this volume's grid (e.g. the registered micro-CT)")
+    p.add_argument("--overlap", type=float, default=0.5, help="patch overlap fraction in [0, 1); 0 = the thesis' tiling")
+    p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian", help="how overlapping patches are blended")
+    p.add_argument("--uncertainty", help="write the voxel-wise standard deviation of N stochastic passes here")
+    p.add_argument("--entropy", help="write the tissue map's entropy of N stochastic passes here")
+    p.add_argument("--samples", type=int, default=1, help="stochastic passes with dropout on (uncertainty)")
+    _device(p)
+    _progress(p)
+
+    p = add("atlas")
+    p.add_argument("--ct", required=True, help="target CT")
+    p.add_argument("--data", required=True, help="dataset folder holding the atlas cases")
+    p.add_argument("--atlases", default=None, help="comma-separated atlas cases (default: the group's training cases)")
+    p.add_argument("--group", default="A", help="leave-2-out group whose training cases are the atlases")
+    p.add_argument("--reference-grid", required=True, help="grid of the output tissue map (e.g. the target's micro-CT)")
+    p.add_argument("--target-transform", help="target's CT-to-micro-CT transform (.tfm) placing the CT on the grid")
+    p.add_argument("--out", required=True, help="atlas tissue map to write")
+    _progress(p)
+
+    p = add("experiment")
+    p.add_argument("--data", required=True, help="prepared dataset folder")
+    p.add_argument("--out", required=True, help="experiment folder (runs, results.csv, report)")
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--groups", default="A,B,C")
+    p.add_argument("--models", default="single,multi")
+    _device(p)
+    _progress(p)
+
+    p = add("demo")
+    p.add_argument("--out", required=True, help="folder for the phantom, the runs and the report")
+    p.add_argument("--preset", default="quick")
+    _device(p)
+    _progress(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = importlib.import_module(f".{COMMANDS[args.command][0]}", __package__)
+    handler = getattr(module, "command_" + args.command.replace("-", "_"))
+    json_mode = getattr(args, "progress", None) == "json"
+    try:
+        return int(handler(args) or 0)
+    except MicroCTSynthError as exc:
+        if json_mode:
+            emit_json("error", message=str(exc))
+        print(f"microctsynth {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"microctsynth {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        # An internal failure: the sentence reaches the GUI, the traceback stays on stderr.
+        if json_mode:
+            emit_json("error", message=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

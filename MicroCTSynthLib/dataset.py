@@ -1,0 +1,144 @@
+"""A dataset folder: one sub-folder per case and ``cases.json`` with the leave-2-out groups.
+
+Layout (written by ``microctsynth phantom``, completed by ``microctsynth prepare``)::
+
+    DIR/cases.json
+    DIR/S3_1/ct.nrrd                  clinical CT, native grid, HU
+    DIR/S3_1/microct.nrrd             micro-CT (the registration's fixed image)
+    DIR/S3_1/labels_true.nrrd         phantom only: the truth, 0 outside / 1 air / 2 soft tissue / 3 bone
+    DIR/S3_1/ct_to_microct_true.tfm   phantom only: the true transform
+    DIR/S3_1/ct_to_microct.tfm        prepare: the estimated transform (micro-CT point -> CT point)
+    DIR/S3_1/ct_registered.nrrd       prepare: CT resampled onto the micro-CT grid
+    DIR/S3_1/tissue.nrrd              prepare: the micro-CT's tissue map (the training target)
+    DIR/S3_1/naive_tissue.nrrd        prepare: the same Otsu + closing on the registered CT
+
+``cases.json``::
+
+    {"cases": {"S3_1": {"ct": "S3_1/ct.nrrd", "microct": "S3_1/microct.nrrd", ...}, ...},
+     "groups": {"A": {"train": [...], "val": [...], "test": [...]}, ...},
+     "preset": "quick"}
+
+Paths in ``cases.json`` are relative to the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import MicroCTSynthError
+from .volume import atomic_path
+
+#: The thesis' study codes of the six temporal-bone specimens.
+SPECIMENS = ("S3_1", "S3_2", "S3_7", "S3_8", "S3_11", "S3_12")
+
+#: The thesis' leave-2-out groups (Table 1).
+THESIS_GROUPS = {
+    "A": {"test": ["S3_2", "S3_7"], "train": ["S3_1", "S3_11", "S3_12"], "val": ["S3_8"]},
+    "B": {"test": ["S3_1", "S3_8"], "train": ["S3_2", "S3_11", "S3_12"], "val": ["S3_7"]},
+    "C": {"test": ["S3_11", "S3_12"], "train": ["S3_2", "S3_7", "S3_8"], "val": ["S3_1"]},
+}
+
+#: File names inside a case folder, by role.
+CASE_FILES = {
+    "ct": "ct.nrrd",
+    "microct": "microct.nrrd",
+    "labels_true": "labels_true.nrrd",
+    "true_transform": "ct_to_microct_true.tfm",
+    "transform": "ct_to_microct.tfm",
+    "ct_registered": "ct_registered.nrrd",
+    "tissue": "tissue.nrrd",
+    "naive_tissue": "naive_tissue.nrrd",
+}
+
+CASES_FILE = "cases.json"
+
+
+def leave_k_out_groups(groups: dict | None = None) -> dict:
+    """The groups of ``cases.json`` (default: the thesis' Table 1), checked for overlap."""
+    groups = THESIS_GROUPS if groups is None else groups
+    for name, g in groups.items():
+        parts = [set(g.get(k, [])) for k in ("train", "val", "test")]
+        if parts[0] & parts[2] or parts[1] & parts[2] or parts[0] & parts[1]:
+            raise MicroCTSynthError(f"Group {name} uses a specimen in more than one of train, val and test.")
+        if not parts[0]:
+            raise MicroCTSynthError(f"Group {name} has no training case.")
+    return groups
+
+
+class Dataset:
+    """A dataset folder and its ``cases.json``."""
+
+    def __init__(self, root, data: dict):
+        self.root = Path(root)
+        self.data = data
+
+    @classmethod
+    def load(cls, root) -> "Dataset":
+        root = Path(root)
+        path = root / CASES_FILE
+        if not path.is_file():
+            raise MicroCTSynthError(
+                f"'{root}' is not a dataset folder: it has no {CASES_FILE} (make one with 'microctsynth phantom --out {root}')."
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise MicroCTSynthError(f"'{path}' is not valid JSON: {exc}.") from None
+        if not isinstance(data.get("cases"), dict):
+            raise MicroCTSynthError(f"'{path}' has no \"cases\" object.")
+        data.setdefault("groups", THESIS_GROUPS)
+        leave_k_out_groups(data["groups"])
+        return cls(root, data)
+
+    @classmethod
+    def create(cls, root, cases=(), groups=None, **extra) -> "Dataset":
+        ds = cls(root, {"cases": {}, "groups": groups if groups is not None else THESIS_GROUPS, **extra})
+        for name in cases:
+            ds.add_case(name)
+        return ds
+
+    def save(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / CASES_FILE
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        return path
+
+    # -- cases ----------------------------------------------------------------------------
+    @property
+    def cases(self) -> list[str]:
+        return list(self.data["cases"])
+
+    @property
+    def groups(self) -> dict:
+        return self.data["groups"]
+
+    def add_case(self, name: str, **files) -> dict:
+        """Register case ``name`` with the standard file names (or the ones given)."""
+        entry = self.data["cases"].setdefault(name, {})
+        for role, fname in CASE_FILES.items():
+            entry.setdefault(role, f"{name}/{fname}")
+        entry.update({k: os.fspath(v) for k, v in files.items()})
+        return entry
+
+    def path(self, case: str, role: str, must_exist: bool = True) -> Path:
+        """Absolute path of ``role`` (a key of :data:`CASE_FILES`) for ``case``."""
+        if case not in self.data["cases"]:
+            raise MicroCTSynthError(f"Case '{case}' is not in {self.root / CASES_FILE}; it lists {', '.join(self.cases)}.")
+        rel = self.data["cases"][case].get(role, f"{case}/{CASE_FILES[role]}")
+        p = self.root / rel
+        if must_exist and not p.exists():
+            hint = " (run 'microctsynth prepare --data DIR' first)" if role in ("transform", "ct_registered", "tissue", "naive_tissue") else ""
+            raise MicroCTSynthError(f"Case '{case}' lacks its {role.replace('_', ' ')} file '{p}'{hint}.")
+        return p
+
+    def group(self, name: str) -> dict:
+        if name not in self.groups:
+            raise MicroCTSynthError(f"Group '{name}' is not defined in {self.root / CASES_FILE}; it has {', '.join(self.groups)}.")
+        g = self.groups[name]
+        missing = [c for k in ("train", "val", "test") for c in g.get(k, []) if c not in self.data["cases"]]
+        if missing:
+            raise MicroCTSynthError(f"Group '{name}' names case(s) {', '.join(missing)} that the dataset does not hold.")
+        return {k: list(g.get(k, [])) for k in ("train", "val", "test")}

@@ -1,0 +1,36 @@
+"""Shared fixtures: paths to the real scans in ../shared/data and small synthetic volumes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("MICROCTSYNTH_SHARED_DATA", ROOT.parent / "shared" / "data"))
+HEAD_CT = SHARED_DATA / "real_head_ct_vtk_headsq.nrrd"
+TRABECULAR_MICROCT = SHARED_DATA / "real_trabecular_bone_microct_19.5um.nrrd"
+
+# Two cores: keep torch from oversubscribing them when several tests spawn processes.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def head_ct_path() -> Path:
+    if not HEAD_CT.exists():
+        pytest.skip(f"real head CT not found at {HEAD_CT}")
+    return HEAD_CT
+
+
+@pytest.fixture(scope="session")
+def trabecular_path() -> Path:
+    if not TRABECULAR_MICROCT.exists():
+        pytest.skip(f"real micro-CT not found at {TRABECULAR_MICROCT}")
+    return TRABECULAR_MICROCT
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
