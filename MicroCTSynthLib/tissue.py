@@ -38,7 +38,7 @@ def field_of_view(volume: Volume) -> np.ndarray:
     components, _ = ndimage.label(fill)
     corner_ids = np.unique(components[np.ix_((0, -1), (0, -1), (0, -1))])
     outside = np.isin(components, corner_ids[corner_ids > 0])
-    return ~outside
+    return ~outside if not outside.all() else np.ones(a.shape, dtype=bool)
 
 
 def ball(radius_mm: float, spacing_xyz) -> np.ndarray:
@@ -70,7 +70,19 @@ def otsu_thresholds(values: np.ndarray, classes: int = 3) -> np.ndarray:
             f"The micro-CT has fewer than {classes} distinct intensities in its field of view; "
             "air, soft tissue and bone cannot be told apart."
         )
-    return threshold_multiotsu(values, classes=classes, nbins=256)
+    hist, edges = np.histogram(values, bins=256)
+    thresholds = threshold_multiotsu(hist=(hist, (edges[:-1] + edges[1:]) / 2), classes=classes)
+    # Where the classes are separated by empty bins, Otsu's criterion is flat across the gap
+    # and skimage returns its lower end, next to the darker class; take the gap's middle.
+    centers = (edges[:-1] + edges[1:]) / 2
+    for n, t in enumerate(thresholds):
+        j = int(np.searchsorted(centers, t - 1e-9 * max(1.0, abs(t))))
+        k = j + 1
+        while k < hist.size and hist[k] == 0:
+            k += 1
+        if k > j + 1 and k < hist.size:
+            thresholds[n] = (centers[j] + centers[k]) / 2
+    return thresholds
 
 
 def tissue_map(

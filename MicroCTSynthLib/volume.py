@@ -158,6 +158,30 @@ def _describe(path: Path) -> str:
     return f"'{path}'"
 
 
+def _check_header_spacing(path: Path, what: str) -> None:
+    """Refuse a negative spacing written in a text header (NRRD ``spacings``, MetaImage ``ElementSpacing``).
+
+    ITK would read it as a flipped axis without a word, which can mirror left and right.
+    """
+    if path.is_dir() or not path.name.lower().endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+        return
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    header = head.split(b"\n\n", 1)[0] if path.name.lower().endswith((".nrrd", ".nhdr")) else head
+    for line in header.decode("latin-1").splitlines():
+        key, sep, value = line.partition(":" if ":" in line and "=" not in line else "=")
+        if sep and key.strip().lower() in ("spacings", "elementspacing", "elementsize"):
+            try:
+                values = [float(v) for v in value.split() if v.lower() != "nan"]
+            except ValueError:
+                continue
+            if any(v <= 0 for v in values):
+                raise MicroCTSynthError(
+                    f"{what} has zero or negative voxel spacing ({value.strip()}) in its header; "
+                    "fix the header (spacing must be positive, orientation belongs in the direction)."
+                )
+
+
 def read_image(path, what: str | None = None) -> sitk.Image:
     """Read a 3D scalar image (NRRD, NIfTI, MHA/MHD, or a DICOM series folder) as ``sitk.Image``.
 
@@ -168,6 +192,7 @@ def read_image(path, what: str | None = None) -> sitk.Image:
     what = what or f"The image {_describe(path)}"
     if not path.exists():
         raise MicroCTSynthError(f"{what} does not exist: check the path.")
+    _check_header_spacing(path, what)
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
