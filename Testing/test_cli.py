@@ -1,0 +1,59 @@
+"""The command line: one entry point, --help on every subcommand, errors as sentences."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from MicroCTSynthLib.cli import COMMANDS, build_parser, main
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: microctsynth " + command)
+    assert COMMANDS[command][1].split(":")[0] in " ".join(out.split())
+
+
+def test_console_script_and_module_are_the_same_entry_point():
+    by_module = subprocess.run([sys.executable, "-m", "MicroCTSynthLib", "--help"], capture_output=True, text=True, check=True)
+    script = shutil.which("microctsynth") or str(__import__("pathlib").Path(sys.executable).with_name("microctsynth"))
+    by_script = subprocess.run([script, "--help"], capture_output=True, text=True, check=True)
+    assert by_module.stdout == by_script.stdout
+    assert all(name in by_module.stdout for name in COMMANDS)
+
+
+def test_every_command_has_its_handler():
+    import importlib
+
+    for name, (module, _) in COMMANDS.items():
+        mod = importlib.import_module(f"MicroCTSynthLib.{module}")
+        assert callable(getattr(mod, "command_" + name.replace("-", "_"))), name
+
+
+def test_error_is_a_json_event_with_progress_json(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "MicroCTSynthLib", "prepare", "--data", str(tmp_path), "--progress", "json"],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 2
+    events = [json.loads(line) for line in run.stdout.splitlines()]
+    assert events[-1]["event"] == "error"
+    assert "cases.json" in events[-1]["message"]
+    assert "Traceback" not in run.stderr
+
+
+def test_unknown_preset_is_a_sentence():
+    from MicroCTSynthLib.presets import load_preset
+
+    with pytest.raises(ValueError, match="Unknown preset 'huge'"):
+        load_preset("huge")
+    assert load_preset("tiny")["lr"] == load_preset("paper")["lr"]
+    assert build_parser().parse_args(["phantom", "--out", "x"]).preset == "quick"
