@@ -1,0 +1,649 @@
+"""Whole-volume synthesis from patches: synthetic micro-CT, tissue map and their uncertainty.
+
+The generator was trained on patches (96³ in the thesis), so a volume is synthesized patch by
+patch and stitched. The thesis tiled the volume without overlap, which leaves visible seams at
+patch borders (instance normalisation and zero padding make each patch's output depend on its
+own window); its future work proposes overlapping patches blended by a Gaussian weight, which
+is the default here (``--overlap 0`` reproduces the thesis' tiling).
+
+The vocabulary is MONAI's / TorchIO's: :func:`sliding_window_synthesis` runs ``predictor`` on
+``roi_size`` windows of an image at ``overlap``, weights each window by
+:func:`gaussian_importance_map` (``mode="gaussian"``) or by ones (``mode="constant"``), and
+returns ``sum(w * pred) / sum(w)``. The image and the accumulators stay on the CPU; only
+windows travel to ``device``.
+
+:func:`synthesize` is the pipeline for a CT of any orientation and spacing:
+
+1. :func:`output_grid`: the model's voxel size (the checkpoint's ``spacing_mm`` x its
+   ``downsample``) over a region of interest around the cochlea (centre + size in mm,
+   axis-aligned in LPS), or a given reference grid (the registered micro-CT's, for evaluation).
+2. The CT is resampled (linear) onto that grid one slab at a time, normalised with the
+   checkpoint's :class:`~MicroCTSynthLib.data.Normalization` and run patch-wise. Slabs follow
+   the rows of patches along z: the partial sums of a slab's last patches carry over to the
+   next slab, so every patch runs once and the chunked result equals the unchunked one, while
+   only one slab (a patch deep plus a halo) is ever in memory.
+3. Tissue map: single-task by the thesis' multi-Otsu + closing of the synthetic micro-CT
+   (:func:`MicroCTSynthLib.tissue.tissue_map`); multitask by the argmax of the blended softmax
+   of the tissue head. Label 0 outside the CT's field of view.
+4. Uncertainty (beyond the thesis): with ``samples > 1`` the generator keeps its dropout (the
+   thesis' noise z) and runs N stochastic passes; the voxel-wise standard deviation of the
+   synthetic micro-CT and the entropy of the tissue map are returned as volumes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from .errors import MicroCTSynthError
+from .labels import AIR, OUTSIDE
+from .progress import Progress, emit_json, log
+from .volume import Volume, read_volume, write_volume
+
+#: Output voxels of one slab (before the patch-sized halo); 2**24 keeps a 400³ synthesis of
+#: the paper's network well within 8 GB on a CPU.
+DEFAULT_CHUNK_VOXELS = 2**24
+
+#: The largest output grid synthesize accepts (a whole head at 37.6 µm would be ~10^11 voxels).
+MAX_OUTPUT_VOXELS = 512**3
+
+BLEND_MODES = ("gaussian", "constant")
+
+
+@dataclass
+class SynthesisResult:
+    """The synthetic micro-CT and tissue map on the output grid, and their uncertainty.
+
+    ``std``: voxel-wise standard deviation of the synthetic micro-CT over the stochastic
+    passes (micro-CT units; zero with one deterministic pass). ``entropy``: entropy of the
+    tissue map, normalised by log(3) to [0, 1] (0 certain, 1 all three classes equally
+    likely). Both are 0 outside the field of view.
+    """
+
+    microct: Volume
+    tissue: Volume
+    std: Volume | None = None
+    entropy: Volume | None = None
+
+
+# -- sliding window ----------------------------------------------------------------------------
+def gaussian_importance_map(patch_size, sigma_scale=0.125) -> np.ndarray:
+    """Weights of one window: a separable Gaussian, sigma = ``sigma_scale`` x the window's edge.
+
+    Identical to MONAI's ``compute_importance_map(mode="gaussian")``: centred between the
+    middle voxels, not normalised, clamped from below at max(min, 1e-3) so no voxel of a window
+    has zero weight.
+    """
+    patch_size = _triple(patch_size, "patch_size", int)
+    sigma_scale = _triple(sigma_scale, "sigma_scale", float)
+    weights = np.ones((), dtype=np.float64)
+    for n, s in zip(patch_size, sigma_scale):
+        x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+        g = np.exp(-(x**2) / (2.0 * (s * n) ** 2))
+        weights = np.multiply.outer(weights, g)
+    weights = weights.astype(np.float32)
+    return np.maximum(weights, max(float(weights.min()), 1e-3)).astype(np.float32)
+
+
+def importance_map(patch_size, mode="gaussian") -> np.ndarray:
+    """The window weight of ``mode`` (``"gaussian"`` or ``"constant"``), float32."""
+    if mode == "gaussian":
+        return gaussian_importance_map(patch_size)
+    if mode == "constant":
+        return np.ones(_triple(patch_size, "patch_size", int), dtype=np.float32)
+    raise MicroCTSynthError(f"The blending mode must be one of {', '.join(BLEND_MODES)}, not {mode!r}.")
+
+
+def patch_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Window starts along one axis (MONAI's ``dense_patch_slices``).
+
+    Windows every ``int(patch * (1 - overlap))`` voxels, the last one shifted inward to end at
+    the edge; with ``overlap=0`` this is the thesis' regular tiling.
+    """
+    if size <= patch:
+        return [0]
+    interval = max(int(patch * (1.0 - overlap)), 1)
+    count = next(d for d in range(math.ceil(size / interval) + 1) if d * interval + patch >= size) + 1
+    return [min(d * interval, size - patch) for d in range(count)]
+
+
+def _triple(value, name, kind=float) -> tuple:
+    if np.isscalar(value):
+        return (kind(value),) * 3
+    value = tuple(kind(v) for v in value)
+    if len(value) != 3:
+        raise MicroCTSynthError(f"{name} needs one value or three (x, y, z), not {len(value)}.")
+    return value
+
+
+def _check_overlap(overlap: float) -> float:
+    overlap = float(overlap)
+    if not 0.0 <= overlap < 1.0:
+        raise MicroCTSynthError(f"The patch overlap must be at least 0 and below 1, not {overlap}.")
+    return overlap
+
+
+def _as_tuple(out) -> tuple:
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    if isinstance(out, (tuple, list)):
+        return tuple(out)
+    raise TypeError(f"The predictor must return a tensor or a tuple of tensors, not {type(out).__name__}.")
+
+
+class _Accumulator:
+    """``sum(w * pred)`` and ``sum(w)`` over a box of voxels ``[start, start + shape)`` on the CPU."""
+
+    def __init__(self, start, shape):
+        self.start = np.asarray(start, dtype=int)
+        self.shape = tuple(int(s) for s in shape)
+        self.numerators: list[np.ndarray] | None = None
+        self.weight = np.zeros(self.shape, dtype=np.float32)
+
+    def add_weight(self, position, weight):
+        self.weight[self._box(position, weight.shape)] += weight
+
+    def add(self, position, outputs: Sequence[np.ndarray], weight: np.ndarray):
+        if self.numerators is None:
+            self.numerators = [np.zeros((o.shape[0], *self.shape), dtype=np.float32) for o in outputs]
+        box = (slice(None),) + self._box(position, weight.shape)
+        for numerator, out in zip(self.numerators, outputs):
+            np.multiply(out, weight, out=out)
+            numerator[box] += out
+
+    def _box(self, position, shape):
+        lo = np.asarray(position, dtype=int) - self.start
+        return tuple(slice(a, a + n) for a, n in zip(lo, shape))
+
+
+def _run_windows(image: torch.Tensor, positions, roi, predictor, sw_batch_size, device, weight, accumulator,
+                 progress=None, n_outputs=None):
+    """Run ``predictor`` on the windows of ``image`` (C, D, H, W, CPU) at ``positions`` and accumulate.
+
+    ``positions`` are window starts in the accumulator's coordinates; ``image`` starts at
+    ``accumulator.start``. Windows go to ``device`` in batches of ``sw_batch_size``; the
+    weighted predictions come back to the CPU at once.
+    """
+    origin = accumulator.start
+    for b in range(0, len(positions), sw_batch_size):
+        batch = positions[b:b + sw_batch_size]
+        windows = []
+        for p in batch:
+            z, y, x = (np.asarray(p) - origin).tolist()
+            windows.append(image[:, z:z + roi[0], y:y + roi[1], x:x + roi[2]])
+        x_in = torch.stack(windows).to(device, non_blocking=False)
+        with torch.inference_mode():
+            outs = _as_tuple(predictor(x_in))
+        if n_outputs is not None and len(outs) != n_outputs:
+            raise ValueError(f"The predictor returned {len(outs)} outputs, {n_outputs} were expected.")
+        outs = [o.detach().to("cpu", torch.float32).numpy() for o in outs]
+        for i, p in enumerate(batch):
+            for o in outs:
+                if tuple(o.shape[2:]) != tuple(roi):
+                    raise ValueError(f"The predictor returned windows of {tuple(o.shape[2:])}, not {tuple(roi)}.")
+            accumulator.add(p, [o[i] for o in outs], weight)
+        if hasattr(progress, "update"):
+            progress.update(len(batch))
+        elif progress is not None:
+            progress(len(batch))
+
+
+def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callable, roi_size, overlap=0.5,
+                             mode="gaussian", sw_batch_size=1, device="cpu", n_outputs=None, progress=None,
+                             cval=0.0):
+    """Patch-wise inference of ``predictor`` over ``image``, blended: ``sum(w * pred) / sum(w)``.
+
+    The same contract as MONAI's ``sliding_window_inference``: ``image`` is (D, H, W),
+    (C, D, H, W) or (1, C, D, H, W) on the CPU (numpy or torch, possibly larger than the
+    device's memory); windows of ``roi_size`` start every ``int(roi * (1 - overlap))`` voxels,
+    the last one shifted inward; an image smaller than a window is padded with ``cval``
+    (half before, half after) and the output cropped back. ``predictor`` takes (B, C, *roi) on
+    ``device`` and returns one tensor or a tuple (``n_outputs``, checked when given) of
+    (B, C_out, *roi). Returns one array per output, (C_out, D, H, W) float32 (a 1-batch
+    (1, C_out, D, H, W) for a 5D input), as numpy or torch like ``image``; a single output is
+    returned bare. ``progress``: a :class:`Progress` or a callable, told the number of
+    windows done.
+    """
+    as_torch = isinstance(image, torch.Tensor)
+    array = image.detach().cpu() if as_torch else torch.from_numpy(np.ascontiguousarray(image))
+    ndim = array.ndim
+    if ndim == 3:
+        array = array[None]
+    elif ndim == 5:
+        if array.shape[0] != 1:
+            raise ValueError("sliding_window_synthesis takes one image at a time (batch of 1).")
+        array = array[0]
+    elif ndim != 4:
+        raise ValueError(f"The image must be (D, H, W), (C, D, H, W) or (1, C, D, H, W), not {tuple(array.shape)}.")
+    array = array.float()
+    roi = _triple(roi_size, "roi_size", int)
+    overlap = _check_overlap(overlap)
+    size = tuple(array.shape[1:])
+    pad_before = [max(r - s, 0) // 2 for r, s in zip(roi, size)]
+    pad_after = [max(r - s, 0) - b for r, s, b in zip(roi, size, pad_before)]
+    if any(pad_before) or any(pad_after):
+        pads = []
+        for b, a in zip(reversed(pad_before), reversed(pad_after)):
+            pads += [b, a]
+        array = torch.nn.functional.pad(array, pads, mode="constant", value=float(cval))
+    work = tuple(array.shape[1:])
+    starts = [patch_starts(n, r, overlap) for n, r in zip(work, roi)]
+    positions = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+    weight = importance_map(roi, mode)
+    acc = _Accumulator((0, 0, 0), work)
+    for p in positions:
+        acc.add_weight(p, weight)
+    _run_windows(array, positions, roi, predictor, sw_batch_size, device, weight, acc, progress, n_outputs)
+    crop = tuple(slice(b, b + n) for b, n in zip(pad_before, size))
+    outputs = []
+    for numerator in acc.numerators:
+        out = numerator[(slice(None),) + crop] / acc.weight[crop]
+        if ndim == 5:
+            out = out[None]
+        outputs.append(torch.from_numpy(out) if as_torch else out)
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+# -- patch-border seams --------------------------------------------------------------------------
+def patch_border_jump(array: np.ndarray, roi_size, overlap=0.0) -> dict:
+    """How much the intensity jumps across patch borders compared with inside patches.
+
+    For each axis, the absolute differences between neighbouring voxels are split into pairs
+    that straddle a window border of the tiling ``patch_starts(size, roi, overlap)`` (a plane
+    where a window starts or ends, inside the volume) and all other pairs. Returns the mean
+    absolute difference of each (``border``, ``interior``) and their ``ratio``: about 1 when the
+    stitching leaves no seam, well above 1 when patch borders show.
+    """
+    a = np.asarray(array, dtype=np.float32)
+    roi = _triple(roi_size, "roi_size", int)
+    border_sum = interior_sum = 0.0
+    border_n = interior_n = 0
+    for axis in range(3):
+        size = a.shape[axis]
+        cuts = set()
+        for s in patch_starts(size, roi[axis], overlap):
+            cuts.update(c for c in (s, s + roi[axis]) if 0 < c < size)
+        diff = np.abs(np.diff(a, axis=axis))  # diff[i] pairs voxel i with i + 1
+        on_border = np.zeros(size - 1, dtype=bool)
+        on_border[[c - 1 for c in sorted(cuts)]] = True
+        shape = [1, 1, 1]
+        shape[axis] = size - 1
+        mask = np.broadcast_to(on_border.reshape(shape), diff.shape)
+        border_sum += float(diff[mask].sum())
+        border_n += int(mask.sum())
+        interior_sum += float(diff[~mask].sum())
+        interior_n += int((~mask).sum())
+    border = border_sum / border_n if border_n else float("nan")
+    interior = interior_sum / interior_n if interior_n else float("nan")
+    return {"border": border, "interior": interior, "ratio": border / interior if interior > 0 else float("nan")}
+
+
+# -- geometry -------------------------------------------------------------------------------------
+def output_grid(ct: Volume, spacing_mm, roi=None, reference=None) -> Volume:
+    """The empty output grid (zeros, uint8) on which a CT is synthesized.
+
+    ``reference`` (a :class:`Volume`): its grid exactly. ``roi`` = (centre, size): an
+    axis-aligned box in LPS centred on ``centre`` (x, y, z mm) of ``size`` mm (one number or
+    three) at ``spacing_mm`` (the model's voxel size). Neither: the CT's whole field of view,
+    in its own orientation, at ``spacing_mm``.
+    """
+    if roi is not None and reference is not None:
+        raise MicroCTSynthError("Give either a region of interest or a reference grid, not both.")
+    if reference is not None:
+        grid = Volume(np.zeros(reference.shape, dtype=np.uint8), reference.spacing, reference.origin, reference.direction)
+    else:
+        spacing = np.asarray(_triple(spacing_mm, "The model's voxel size", float))
+        if np.any(spacing <= 0):
+            raise MicroCTSynthError(f"The model's voxel size must be positive, not {tuple(spacing)} mm.")
+        if roi is not None:
+            try:
+                center, size_mm = roi
+                center = np.asarray(_triple(center, "The region's centre", float))
+                size_mm = np.asarray(_triple(size_mm, "The region's size", float))
+            except (TypeError, ValueError) as exc:
+                if isinstance(exc, MicroCTSynthError):
+                    raise
+                raise MicroCTSynthError("A region of interest is a centre (x, y, z mm) and a size (mm).") from None
+            if not np.all(np.isfinite(center)) or np.any(~np.isfinite(size_mm)) or np.any(size_mm <= 0):
+                raise MicroCTSynthError(f"The region of interest needs a finite centre and a positive size, not {tuple(size_mm)} mm.")
+            direction = np.eye(3)
+        else:
+            direction = ct.direction_matrix
+            size_mm = ct.extent_mm
+            center = ct.center
+        n = np.maximum(np.round(size_mm / spacing), 1).astype(int)
+        voxels = int(np.prod(n.astype(np.float64)))
+        if voxels > MAX_OUTPUT_VOXELS:
+            raise MicroCTSynthError(
+                f"The output grid would have {n[0]} x {n[1]} x {n[2]} voxels at {spacing.round(4).tolist()} mm; "
+                "give a smaller region of interest around the cochlea."
+            )
+        origin = center - direction @ ((n - 1) / 2.0 * spacing)
+        grid = Volume(np.zeros(tuple(n[::-1]), dtype=np.uint8), tuple(spacing), tuple(origin), tuple(direction.ravel()))
+    return grid
+
+
+def _resample(image: sitk.Image, grid: Volume, start_xyz, size_xyz, interpolator, default, pixel_type) -> np.ndarray:
+    """``image`` on the box of ``grid`` indices ``[start, start + size)`` (may leave the grid), as (z, y, x)."""
+    origin = grid.physical_points(np.asarray(start_xyz, dtype=float))[0]
+    out = sitk.Resample(image, [int(s) for s in size_xyz], sitk.Transform(), interpolator, tuple(origin),
+                        grid.spacing, grid.direction, float(default), pixel_type)
+    return sitk.GetArrayFromImage(out)
+
+
+def field_of_view(ct: Volume | sitk.Image, grid: Volume) -> np.ndarray:
+    """Voxels of ``grid`` that fall inside the CT (a ones-image resampled with default 0), bool (z, y, x)."""
+    image = ct if isinstance(ct, sitk.Image) else ct.to_sitk()
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    return _resample(ones, grid, (0, 0, 0), grid.size, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8).astype(bool)
+
+
+# -- the generator as a predictor --------------------------------------------------------------
+def enable_dropout(net: nn.Module) -> int:
+    """Dropout modules to train mode (stochastic), everything else untouched; returns how many."""
+    count = 0
+    for module in net.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.train()
+            count += 1
+    return count
+
+
+class _Passes(nn.Module):
+    """N passes of the generator per window, packed as channels.
+
+    Output channels: the N synthetic micro-CT passes, then (multitask) the mean over the
+    passes of the tissue head's softmax. Blending is linear, so the blend of the mean softmax
+    is the mean of the blended softmaxes.
+    """
+
+    def __init__(self, generator: nn.Module, samples: int, multitask: bool):
+        super().__init__()
+        self.generator, self.samples, self.multitask = generator, samples, multitask
+
+    def forward(self, x):
+        images, probabilities = [], None
+        for _ in range(self.samples):
+            out = self.generator(x)
+            if self.multitask:
+                image, logits = out
+                p = torch.softmax(logits.float(), dim=1)
+                probabilities = p if probabilities is None else probabilities + p
+            else:
+                image = out[0] if isinstance(out, (tuple, list)) else out
+            images.append(image.float())
+        channels = images
+        if self.multitask:
+            channels = channels + [probabilities / self.samples]
+        return torch.cat(channels, dim=1)
+
+
+def _entropy(probabilities: np.ndarray, axis=0) -> np.ndarray:
+    """Entropy of class probabilities along ``axis``, normalised by log(n_classes) to [0, 1]."""
+    p = np.clip(probabilities, 1e-12, 1.0)
+    n = probabilities.shape[axis]
+    return (-(p * np.log(p)).sum(axis=axis) / math.log(n)).astype(np.float32)
+
+
+def _otsu_tissue(volume: Volume, fov: np.ndarray, closing_radius_mm=None) -> np.ndarray:
+    """The thesis' tissue map (multi-Otsu + closing) of a synthetic micro-CT, 0 outside the FOV."""
+    from .tissue import tissue_map
+
+    values = volume.array[fov]
+    if values.size and np.ptp(values) <= 1e-6 * max(1.0, float(np.abs(values).max())):
+        raise MicroCTSynthError(
+            "The synthetic micro-CT is uniform, so Otsu cannot split air, soft tissue and bone; check that the model is trained."
+        )
+    labels = np.asarray(tissue_map(volume, closing_radius_mm=closing_radius_mm, mask=fov).array, dtype=np.uint8)
+    labels[~fov] = OUTSIDE
+    return labels
+
+
+# -- the pipeline ---------------------------------------------------------------------------------
+def _resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MicroCTSynthError(f"Unknown device '{device}': use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MicroCTSynthError("CUDA was asked for but no CUDA GPU is available here; use --device cpu or auto.")
+    return dev
+
+
+def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normalization, patch_size: int,
+                       multitask: bool = False, overlap=0.5, blend="gaussian", samples=1, device="cpu",
+                       progress="none", chunk_voxels=DEFAULT_CHUNK_VOXELS, sw_batch_size=1,
+                       closing_radius_mm=None) -> SynthesisResult:
+    """Synthesize ``ct`` onto ``grid`` with ``generator`` (any module with the Generator's outputs).
+
+    The CT is resampled (linear, outside the CT the darkest value of the CT window) onto the
+    grid one slab of patch rows at a time, normalised (``normalization.ct_to_net``), run
+    patch-wise and blended; finished planes leave the slab as soon as no later patch covers
+    them, the rest carries over. See the module docstring for the outputs.
+    """
+    overlap = _check_overlap(overlap)
+    if blend not in BLEND_MODES:
+        raise MicroCTSynthError(f"The blending mode must be one of {', '.join(BLEND_MODES)}, not {blend!r}.")
+    samples = int(samples)
+    if samples < 1:
+        raise MicroCTSynthError(f"The number of samples must be at least 1, not {samples}.")
+    device = _resolve_device(device)
+    roi = (int(patch_size),) * 3
+    ct_image = ct.to_sitk()
+    if ct_image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        ct_image = sitk.Cast(ct_image, sitk.sitkFloat32)
+    fov = field_of_view(ct_image, grid)
+    if not fov.any():
+        raise MicroCTSynthError("The region of interest lies entirely outside the CT; centre it on the cochlea.")
+
+    generator = generator.to(device).eval()
+    if samples > 1 and enable_dropout(generator) == 0:
+        log("The model has no dropout: all samples are equal and the uncertainty is zero.", _mode(progress))
+    predictor = _Passes(generator, samples, multitask)
+
+    # Work on a grid at least a window wide; the CT fills the margin (cropped at the end).
+    shape = np.asarray(grid.shape)
+    pad_before = np.maximum(np.asarray(roi) - shape, 0) // 2
+    work = np.maximum(shape, roi)
+    starts = [patch_starts(int(n), r, overlap) for n, r in zip(work, roi)]
+    weight = importance_map(roi, blend)
+    n_windows = len(starts[0]) * len(starts[1]) * len(starts[2])
+
+    # Slabs of whole rows of windows along z, each about chunk_voxels deep (at least one row).
+    plane = int(work[1] * work[2])
+    rows = starts[0]
+    groups, i = [], 0
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and (rows[j + 1] - rows[i] + roi[0]) * plane <= chunk_voxels:
+            j += 1
+        groups.append(rows[i:j + 1])
+        i = j + 1
+
+    out_microct = np.zeros(grid.shape, dtype=np.float32)
+    out_std = np.zeros(grid.shape, dtype=np.float32)
+    out_probabilities = np.zeros((3, *grid.shape), dtype=np.float32) if multitask else None
+    passes_dir = None
+    out_passes = None
+    if samples > 1 and not multitask:
+        # Single-task entropy needs each pass' whole volume (Otsu is global): kept on disk.
+        passes_dir = tempfile.TemporaryDirectory(prefix="microctsynth-passes-")
+        out_passes = np.lib.format.open_memmap(os.path.join(passes_dir.name, "passes.npy"), mode="w+",
+                                               dtype=np.float32, shape=(samples, *grid.shape))
+    outside_value = float(normalization.ct_window[0]) if hasattr(normalization, "ct_window") else -1000.0
+
+    def flush(acc: _Accumulator, z_end: int):
+        """Write planes [acc.start, z_end) of the working grid into the outputs."""
+        z0 = int(acc.start[0])
+        lo, hi = max(z0, int(pad_before[0])), min(z_end, int(pad_before[0] + shape[0]))
+        if hi <= lo:
+            return
+        src = (slice(lo - z0, hi - z0), slice(pad_before[1], pad_before[1] + shape[1]),
+               slice(pad_before[2], pad_before[2] + shape[2]))
+        dst = slice(lo - pad_before[0], hi - pad_before[0])
+        blended = acc.numerators[0][(slice(None),) + src] / acc.weight[src]
+        passes = normalization.net_to_microct(blended[:samples]).astype(np.float32)
+        out_microct[dst] = passes.mean(axis=0)
+        if samples > 1:
+            out_std[dst] = passes.std(axis=0)
+        if out_passes is not None:
+            out_passes[:, dst] = passes
+        if multitask:
+            out_probabilities[:, dst] = blended[samples:samples + 3]
+
+    progress_bar = progress if isinstance(progress, Progress) else Progress(n_windows, "synthesize", _mode(progress), unit="patch")
+    carry = None
+    try:
+        for g, group in enumerate(groups):
+            z_lo, z_hi = group[0], group[-1] + roi[0]
+            acc = _Accumulator((z_lo, 0, 0), (z_hi - z_lo, int(work[1]), int(work[2])))
+            if carry is not None:
+                # Partial sums of the previous slab's windows that reach into this one.
+                c_lo = int(carry.start[0])
+                keep = slice(z_lo - c_lo, carry.shape[0])
+                n_keep = carry.shape[0] - (z_lo - c_lo)
+                if n_keep > 0:
+                    acc.weight[:n_keep] += carry.weight[keep]
+                    acc.numerators = [np.zeros((c.shape[0], *acc.shape), dtype=np.float32) for c in carry.numerators]
+                    for a, c in zip(acc.numerators, carry.numerators):
+                        a[:, :n_keep] += c[:, keep]
+            positions = [(z, y, x) for z in group for y in starts[1] for x in starts[2]]
+            for p in positions:
+                acc.add_weight(p, weight)
+            # The CT on this slab of the working grid (indices relative to the output grid).
+            start_xyz = (-int(pad_before[2]), -int(pad_before[1]), z_lo - int(pad_before[0]))
+            size_xyz = (int(work[2]), int(work[1]), z_hi - z_lo)
+            ct_slab = _resample(ct_image, grid, start_xyz, size_xyz, sitk.sitkLinear, outside_value, sitk.sitkFloat32)
+            net_in = torch.from_numpy(np.ascontiguousarray(normalization.ct_to_net(ct_slab), dtype=np.float32))[None]
+            del ct_slab
+            _run_windows(net_in, positions, roi, predictor, sw_batch_size, device, weight, acc, progress_bar)
+            del net_in
+            z_next = groups[g + 1][0] if g + 1 < len(groups) else int(work[0])
+            flush(acc, z_next)
+            carry = acc
+    finally:
+        if not isinstance(progress, Progress):
+            progress_bar.close()
+
+    # Outside the CT there is nothing to synthesize from: the darkest micro-CT value, label 0.
+    out_microct[~fov] = float(normalization.net_to_microct(np.float32(-1.0)))
+    out_std[~fov] = 0.0
+    microct = grid.with_array(out_microct)
+    if multitask:
+        labels = (np.argmax(out_probabilities, axis=0) + AIR).astype(np.uint8)
+        entropy = _entropy(out_probabilities)
+        del out_probabilities
+    else:
+        labels = _otsu_tissue(microct, fov, closing_radius_mm)
+        if samples > 1:
+            counts = np.zeros((3, *grid.shape), dtype=np.uint16)
+            for k in range(samples):
+                pass_labels = _otsu_tissue(grid.with_array(np.asarray(out_passes[k])), fov, closing_radius_mm)
+                for c in range(3):
+                    counts[c] += pass_labels == c + AIR
+            entropy = _entropy(counts.astype(np.float32) / samples)
+            del counts
+        else:
+            entropy = np.zeros(grid.shape, dtype=np.float32)
+    if passes_dir is not None:
+        del out_passes
+        passes_dir.cleanup()
+    labels[~fov] = OUTSIDE
+    entropy[~fov] = 0.0
+    return SynthesisResult(microct=microct, tissue=grid.with_array(labels), std=grid.with_array(out_std),
+                           entropy=grid.with_array(entropy))
+
+
+def _mode(progress) -> str:
+    if isinstance(progress, Progress):
+        return progress.mode
+    return progress if progress in ("bar", "json", "none") else "none"
+
+
+def model_spacing(meta: dict) -> tuple[float, float, float]:
+    """The model's voxel size: the checkpoint's ``spacing_mm`` x its ``downsample``."""
+    spacing = meta.get("spacing_mm")
+    if spacing is None:
+        raise MicroCTSynthError("The model file does not say at which voxel size it was trained (no 'spacing_mm').")
+    factor = float(meta.get("downsample") or 1)
+    return tuple(float(s) * factor for s in _triple(spacing, "spacing_mm", float))
+
+
+def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=0.5, blend="gaussian",
+               samples=1, device="auto", progress="none", chunk_voxels=DEFAULT_CHUNK_VOXELS) -> SynthesisResult:
+    """Synthetic micro-CT and tissue map of ``ct`` with the trained model at ``model_path``.
+
+    ``roi``: (centre x, y, z mm, size mm) of the output region; ``reference``: a
+    :class:`Volume` (or path) whose grid the output takes; neither: the CT's field of view.
+    ``overlap`` 0 is the thesis' tiling; ``blend`` "gaussian" or "constant"; ``samples`` > 1
+    keeps dropout on for that many stochastic passes; ``progress`` "bar", "json", "none" or a
+    :class:`Progress`. ``chunk_voxels`` bounds the slab processed at once.
+    """
+    from .checkpoint import load_generator
+    from .data import Normalization
+
+    if not isinstance(ct, Volume):
+        ct = read_volume(ct, "The CT")
+    if reference is not None and not isinstance(reference, Volume):
+        reference = read_volume(reference, "The reference grid")
+    dev = _resolve_device(device)
+    generator, meta = load_generator(model_path, device=dev)
+    normalization = Normalization.from_dict(meta["normalization"])
+    multitask = meta.get("model") == "multi" or bool(meta.get("generator_args", {}).get("multitask", False))
+    patch_size = int(meta.get("patch_size") or 0)
+    if patch_size <= 0 or patch_size % 4:
+        raise MicroCTSynthError(f"The model file's patch size {patch_size} is not a positive multiple of 4.")
+    grid = output_grid(ct, model_spacing(meta), roi=roi, reference=reference)
+    closing = (meta.get("preset") or {}).get("tissue_closing_radius_mm")
+    return synthesize_on_grid(ct, grid, generator, normalization, patch_size, multitask=multitask, overlap=overlap,
+                              blend=blend, samples=samples, device=dev, progress=progress, chunk_voxels=chunk_voxels,
+                              closing_radius_mm=closing)
+
+
+# -- command line ---------------------------------------------------------------------------------
+def parse_roi(center: str, size: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """``'x,y,z'`` (LPS mm) and ``'sx,sy,sz'`` or one number (mm) -> (centre, size)."""
+    try:
+        c = [float(v) for v in center.replace(" ", "").split(",")]
+        s = [float(v) for v in size.replace(" ", "").split(",")]
+    except ValueError:
+        raise MicroCTSynthError(f"The region of interest '{center} {size}' must be numbers: centre 'x,y,z' and size 'sx,sy,sz' in mm.") from None
+    if len(c) != 3 or len(s) not in (1, 3):
+        raise MicroCTSynthError(f"The region of interest needs a centre 'x,y,z' and a size 's' or 'sx,sy,sz' in mm, not '{center} {size}'.")
+    return tuple(c), tuple(s * 3 if len(s) == 1 else s)
+
+
+def command_synthesize(args) -> int:
+    """``microctsynth synthesize``: write the synthetic micro-CT, tissue map and uncertainty."""
+    if args.uncertainty and args.samples < 2:
+        raise MicroCTSynthError("The uncertainty needs --samples of 2 or more: one deterministic pass has no spread.")
+    if not Path(args.model).exists():
+        raise MicroCTSynthError(f"The model file '{args.model}' does not exist: check the path.")
+    ct = read_volume(args.ct, f"The CT '{args.ct}'")
+    roi = parse_roi(*args.roi) if args.roi else None
+    reference = read_volume(args.reference_grid, f"The reference grid '{args.reference_grid}'") if args.reference_grid else None
+    result = synthesize(ct, args.model, roi=roi, reference=reference, overlap=args.overlap, blend=args.blend,
+                        samples=args.samples, device=args.device, progress=args.progress)
+    outputs = {"microct": str(write_volume(result.microct, args.out_microct)),
+               "tissue": str(write_volume(result.tissue, args.out_tissue))}
+    if args.uncertainty:
+        outputs["uncertainty"] = str(write_volume(result.std, args.uncertainty))
+    if getattr(args, "entropy", None):
+        outputs["entropy"] = str(write_volume(result.entropy, args.entropy))
+    if args.progress == "json":
+        emit_json("result", outputs=outputs)
+    else:
+        log("Wrote " + ", ".join(f"{k} {v}" for k, v in outputs.items()), args.progress)
+    return 0
