@@ -425,14 +425,23 @@ def _resolve_device(device) -> torch.device:
 def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normalization, patch_size: int,
                        multitask: bool = False, overlap=0.5, blend="gaussian", samples=1, device="cpu",
                        progress="none", chunk_voxels=DEFAULT_CHUNK_VOXELS, sw_batch_size=1,
-                       closing_radius_mm=None) -> SynthesisResult:
+                       closing_radius_mm=None, spacing_mm=None) -> SynthesisResult:
     """Synthesize ``ct`` onto ``grid`` with ``generator`` (any module with the Generator's outputs).
 
     The CT is resampled (linear, outside the CT the darkest value of the CT window) onto the
     grid one slab of patch rows at a time, normalised (``normalization.ct_to_net``), run
     patch-wise and blended; finished planes leave the slab as soon as no later patch covers
-    them, the rest carries over. See the module docstring for the outputs.
+    them, the rest carries over. See the module docstring for the outputs. ``spacing_mm``: the
+    model's voxel size; when ``grid``'s differs, the synthesis runs at the model's voxel size
+    over the grid's field of view and is resampled onto ``grid`` (labels by nearest neighbour).
     """
+    if spacing_mm is not None and not np.allclose(grid.spacing, _triple(spacing_mm, "spacing_mm"), rtol=0.01):
+        # The network only knows its own voxel size: synthesize at it over the same field of
+        # view, then resample onto the requested grid.
+        work = regrid(grid, spacing_mm)
+        result = synthesize_on_grid(ct, work, generator, normalization, patch_size, multitask, overlap, blend, samples,
+                                    device, progress, chunk_voxels, sw_batch_size, closing_radius_mm)
+        return _resample_result(result, grid, field_of_view(ct, grid), float(normalization.net_to_microct(np.float32(-1.0))))
     overlap = _check_overlap(overlap)
     if blend not in BLEND_MODES:
         raise MicroCTSynthError(f"The blending mode must be one of {', '.join(BLEND_MODES)}, not {blend!r}.")
@@ -566,6 +575,27 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
                            entropy=grid.with_array(entropy))
 
 
+def regrid(grid: Volume, spacing_mm) -> Volume:
+    """A grid with ``grid``'s orientation and field of view at another voxel size."""
+    spacing = np.asarray(_triple(spacing_mm, "spacing_mm", float))
+    n = np.maximum(np.round(grid.extent_mm / spacing), 1).astype(int)
+    corner = grid.physical_points(np.full(3, -0.5))[0]  # outer edge of the first voxel
+    origin = corner + grid.direction_matrix @ (spacing / 2)
+    return Volume(np.zeros(tuple(n[::-1]), np.uint8), tuple(spacing), tuple(origin), grid.direction)
+
+
+def _resample_result(result: SynthesisResult, grid: Volume, fov: np.ndarray, outside: float) -> SynthesisResult:
+    def onto(volume: Volume, interpolator, pixel) -> np.ndarray:
+        return _resample(volume.to_sitk(), grid, (0, 0, 0), grid.size, interpolator, 0, pixel)
+
+    microct = onto(result.microct, sitk.sitkLinear, sitk.sitkFloat32)
+    tissue = onto(result.tissue, sitk.sitkNearestNeighbor, sitk.sitkUInt8)
+    std = onto(result.std, sitk.sitkLinear, sitk.sitkFloat32)
+    entropy = onto(result.entropy, sitk.sitkLinear, sitk.sitkFloat32)
+    microct[~fov], tissue[~fov], std[~fov], entropy[~fov] = outside, OUTSIDE, 0.0, 0.0
+    return SynthesisResult(grid.with_array(microct), grid.with_array(tissue), grid.with_array(std), grid.with_array(entropy))
+
+
 def _mode(progress) -> str:
     if isinstance(progress, Progress):
         return progress.mode
@@ -605,11 +635,12 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=0.5, bl
     patch_size = int(meta.get("patch_size") or 0)
     if patch_size <= 0 or patch_size % 4:
         raise MicroCTSynthError(f"The model file's patch size {patch_size} is not a positive multiple of 4.")
-    grid = output_grid(ct, model_spacing(meta), roi=roi, reference=reference)
+    spacing = model_spacing(meta)
+    grid = output_grid(ct, spacing, roi=roi, reference=reference)
     closing = (meta.get("preset") or {}).get("tissue_closing_radius_mm")
     return synthesize_on_grid(ct, grid, generator, normalization, patch_size, multitask=multitask, overlap=overlap,
                               blend=blend, samples=samples, device=dev, progress=progress, chunk_voxels=chunk_voxels,
-                              closing_radius_mm=closing)
+                              closing_radius_mm=closing, spacing_mm=spacing)
 
 
 # -- command line ---------------------------------------------------------------------------------

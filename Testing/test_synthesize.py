@@ -195,6 +195,27 @@ def test_synthesis_lands_in_the_right_place(variant):
     assert result.microct.array.max() == pytest.approx(0.75, abs=0.06)  # 2000 HU, less interpolation blur
 
 
+def test_reference_grid_finer_than_the_model():
+    """The network runs at its own voxel size over the reference's field of view, then is resampled."""
+    ct = blob_ct(BLOB)
+    direction = rotation(0, 15)
+    n = np.array([70, 76, 66])
+    origin = BLOB + [0.2, -0.3, 0.1] - direction @ ((n - 1) / 2 * 0.06)
+    reference = Volume(np.zeros(n[::-1], np.int16), (0.06,) * 3, tuple(origin), tuple(direction.ravel()))
+    seen = []
+
+    class Recording(nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape))
+            return x
+
+    result = synthesize_on_grid(ct, reference, Recording(), LinearNormalization(), 16, spacing_mm=0.12)
+    assert result.microct.same_geometry(reference) and result.tissue.same_geometry(reference)
+    # 35 x 38 x 33 voxels at 0.12 mm: 4 x 4 x 4 windows (70 x 76 x 66 at 0.06 mm would need 8 x 9 x 8)
+    assert [s[2:] for s in seen] == [(16, 16, 16)] * (4 * 4 * 4)
+    assert np.linalg.norm(physical_centroid(result.microct, 0.0) - BLOB) < 0.06
+
+
 def test_field_of_view_and_region_outside():
     ct = blob_ct(BLOB)
     # A region that hangs over the CT's edge: outside voxels get label 0 and the darkest value.
