@@ -1,0 +1,611 @@
+"""MicroCTSynth: synthetic micro-CT and tissue maps of the inner ear from clinical CT (3D Slicer module).
+
+The module is thin: the panel, the parameter node, the background job's progress and cancel.
+The work is done by the engine (``MicroCTSynthLib``); the logic on MRML nodes lives in
+``MicroCTSynthLib.mrml.MicroCTSynthSceneLogic``, free of Qt so that it also runs (and is tested)
+on the Qt-free ``slicer-core`` package. Training, synthesis and atlas runs start
+``PythonSlicer -m MicroCTSynthLib ... --progress json`` in a process of their own.
+"""
+
+import importlib
+import importlib.metadata
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+from typing import Annotated, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+from slicer import (
+    vtkMRMLLinearTransformNode,
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLTableNode,
+)
+
+
+def _engineOnPath() -> None:
+    """Find ``MicroCTSynthLib``: installed beside the module (built extension) or one folder up
+    (the source folder added through "Additional module paths")."""
+    try:
+        importlib.import_module("MicroCTSynthLib")
+    except ImportError:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+_engineOnPath()
+
+from MicroCTSynthLib.errors import MicroCTSynthError  # noqa: E402
+from MicroCTSynthLib.mrml import MicroCTSynthSceneLogic, default_roi_node, job_summary  # noqa: E402
+from MicroCTSynthLib.process import JobState  # noqa: E402
+
+#: Python packages the engine needs (distribution name -> what pip installs). torch comes
+#: from the PyTorch extension when it is there, so that it matches the GPU and driver.
+REQUIRED_PACKAGES = {
+    "torch": "torch",
+    "SimpleITK": "SimpleITK",
+    "scikit-image": "scikit-image",
+    "scipy": "scipy",
+    "tqdm": "tqdm",
+    "matplotlib": "matplotlib",
+    "tensorboard": "tensorboard",
+}
+
+#: A layout of three axial views side by side: CT, synthetic micro-CT, micro-CT.
+SIDE_BY_SIDE_LAYOUT_ID = 7301
+SIDE_BY_SIDE_LAYOUT = """
+<layout type="horizontal">
+ <item><view class="vtkMRMLSliceNode" singletontag="Red">
+  <property name="orientation" action="default">Axial</property>
+  <property name="viewlabel" action="default">R</property>
+  <property name="viewcolor" action="default">#F34A33</property></view></item>
+ <item><view class="vtkMRMLSliceNode" singletontag="Yellow">
+  <property name="orientation" action="default">Axial</property>
+  <property name="viewlabel" action="default">Y</property>
+  <property name="viewcolor" action="default">#EDD54C</property></view></item>
+ <item><view class="vtkMRMLSliceNode" singletontag="Green">
+  <property name="orientation" action="default">Axial</property>
+  <property name="viewlabel" action="default">G</property>
+  <property name="viewcolor" action="default">#6EB04B</property></view></item>
+</layout>
+"""
+
+
+#
+# MicroCTSynth
+#
+
+
+class MicroCTSynth(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MicroCTSynth")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MicroCTSynth contributors"]
+        self.parent.helpText = _("""
+Synthesizes a micro-CT (37.6 &micro;m) and an air / soft tissue / bone tissue map of the inner ear
+from a clinical CT (0.3 mm) with the 3D conditional GANs of X. Sun, <i>Synthesizing Micro-CT from
+CT of the inner ear with 3D-conditional GANs</i> (Vanderbilt University, 2021).
+<p>Work from top to bottom: choose the CT (and the specimen's micro-CT if you have one), register
+the CT to the micro-CT by mutual information, make the micro-CT's tissue map (multi-Otsu and
+closing), add registered cases to a dataset folder and train the single-task or multitask cGAN,
+then synthesize the micro-CT and tissue map of any CT inside a region of interest around the
+cochlea. The atlas baseline (the thesis' previous method) and a comparison table (Dice per
+class, 95&nbsp;% Hausdorff distance) show how the methods differ.</p>
+<p>Training, synthesis and the atlas run in the background; the Slicer window stays usable and
+Cancel stops a job without touching the scene. The same steps are available from the Python
+console (<code>MicroCTSynthLogic</code>) and the command line (<code>microctsynth</code>).</p>
+""")
+        self.parent.acknowledgementText = _("""
+The method and its evaluation follow the master's thesis of Xinyi Sun, <i>Synthesizing Micro-CT
+from CT of the inner ear with 3D-conditional GANs</i>, Vanderbilt University, 2021 (Department of
+Electrical and Computer Engineering), for image-guided cochlear implant programming. The network
+is a 3D port of pix2pix (J.-Y. Zhu, P. Isola et al.); the module follows the structure of 3D
+Slicer's scripted module template, SlicerNNUnet and SlicerMONAIAuto3DSeg.
+""")
+
+
+#
+# MicroCTSynthParameterNode
+#
+
+
+@parameterNodeWrapper
+class MicroCTSynthParameterNode:
+    """The panel's state; the .ui widgets bind to these names through ``SlicerParameterName``."""
+
+    # 1. Inputs
+    ctVolume: vtkMRMLScalarVolumeNode
+    microCTVolume: vtkMRMLScalarVolumeNode
+    roi: vtkMRMLMarkupsROINode
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    # 2. Registration
+    initialTransform: vtkMRMLLinearTransformNode
+    landmarksMicroCT: vtkMRMLMarkupsFiducialNode
+    landmarksCT: vtkMRMLMarkupsFiducialNode
+    affine: bool = False
+    registrationTransform: vtkMRMLLinearTransformNode
+    registeredCT: vtkMRMLScalarVolumeNode
+    # 3. Tissue map
+    tissueSegmentation: vtkMRMLSegmentationNode
+    # 4. Training
+    datasetDir: pathlib.Path
+    caseName: str = "case1"
+    caseSplit: Annotated[str, Choice(["train", "val", "test"])] = "train"
+    group: str = "A"
+    model: Annotated[str, Choice(["single", "multi"])] = "single"
+    preset: Annotated[str, Choice(["quick", "paper", "tiny"])] = "quick"
+    runDir: pathlib.Path
+    # 5. Synthesis
+    modelPath: pathlib.Path
+    synthesizeOnMicroCTGrid: bool = False
+    overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
+    samples: Annotated[int, WithinRange(1, 50)] = 1
+    syntheticMicroCT: vtkMRMLScalarVolumeNode
+    syntheticTissue: vtkMRMLSegmentationNode
+    uncertainty: vtkMRMLScalarVolumeNode
+    # 6. Atlas
+    atlasTissue: vtkMRMLSegmentationNode
+    # 7. Compare
+    referenceSegmentation: vtkMRMLSegmentationNode
+    compareCGAN: vtkMRMLSegmentationNode
+    compareAtlas: vtkMRMLSegmentationNode
+    comparisonTable: vtkMRMLTableNode
+
+
+def _path(value) -> Optional[pathlib.Path]:
+    """A path parameter, ``None`` when the field is empty."""
+    if value is None or str(value) in ("", "."):
+        return None
+    return pathlib.Path(value)
+
+
+#
+# MicroCTSynthWidget
+#
+
+
+class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._jobButton = None
+        self._jobButtonText = ""
+        self._jobDone = None
+        self._timer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MicroCTSynth.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = MicroCTSynthLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        # The job's queue is drained on the GUI thread, where MRML may be touched.
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.connect("timeout()", self._onTimer)
+
+        self.ui.progressBar.hide()
+        self.ui.placeRoiButton.connect("clicked(bool)", self.onPlaceRoi)
+        self.ui.registerButton.connect("clicked(bool)", self.onRegister)
+        self.ui.tissueMapButton.connect("clicked(bool)", self.onTissueMap)
+        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompare)
+        # Background steps: while their job runs, the button that started it reads "Cancel".
+        self.ui.trainButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.trainButton, self.onTrain))
+        self.ui.resumeButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.resumeButton, self.onResume))
+        self.ui.synthesizeButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.synthesizeButton, self.onSynthesize))
+        self.ui.atlasButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.atlasButton, self.onAtlas))
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+        if self._timer is not None:
+            self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.ctVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.ctVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[MicroCTSynthParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    # -- enabling: every button waits for its inputs -------------------------------------------
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        busy = self._job is not None
+        ct, micro = p.ctVolume, p.microCTVolume
+        dataset = _path(p.datasetDir)
+        model = _path(p.modelPath)
+        hasDataset = dataset is not None and (dataset / "cases.json").is_file()
+        self.ui.placeRoiButton.enabled = bool(ct)
+        self.ui.registerButton.enabled = bool(ct and micro and ct != micro) and not busy
+        self.ui.tissueMapButton.enabled = bool(micro) and not busy
+        self.ui.addCaseButton.enabled = bool(ct and micro and dataset and p.caseName.strip()
+                                             and (p.registrationTransform or ct.GetParentTransformNode())) and not busy
+        self.ui.compareButton.enabled = bool(p.referenceSegmentation and (p.compareCGAN or p.compareAtlas)) and not busy
+        canRun = {
+            self.ui.trainButton: hasDataset and bool(p.group.strip()),
+            self.ui.resumeButton: hasDataset and bool(p.group.strip()),
+            self.ui.synthesizeButton: bool(ct and model and model.is_file() and (micro if p.synthesizeOnMicroCTGrid else True)),
+            self.ui.atlasButton: bool(ct) and hasDataset and bool(p.group.strip()),
+        }
+        for button, ready in canRun.items():
+            if button is self._jobButton:
+                button.enabled = True  # it is the Cancel button now
+            else:
+                button.enabled = ready and not busy
+        self.ui.registerButton.toolTip = (_("Register the CT (moving) onto the micro-CT (fixed) by mutual information.")
+                                          if ct and micro else _("Select a CT and a micro-CT first."))
+
+    # -- dependencies --------------------------------------------------------------------------
+    def _ready(self) -> bool:
+        """On first use (never at import, not in testing mode): make sure the engine's packages are there."""
+        if slicer.app.testingEnabled() or getattr(self, "_dependenciesChecked", False):
+            return True
+        missing = self.logic.missingPackages()
+        if missing:
+            if not slicer.util.confirmOkCancelDisplay(
+                _("MicroCTSynth needs these Python packages, which will now be installed (this can take several minutes):")
+                + "\n\n" + "\n".join(missing),
+                _("Install Python packages"),
+            ):
+                return False
+            with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
+                self.logic.installPackages(missing)
+            if self.logic.missingPackages():
+                return False
+        self._dependenciesChecked = True
+        return True
+
+    # -- 1. inputs ----------------------------------------------------------------------------
+    def onPlaceRoi(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not place the region of interest."), waitCursor=True):
+            self._parameterNode.roi = default_roi_node(self._parameterNode.ctVolume, scene=slicer.mrmlScene)
+
+    # -- 2. registration ----------------------------------------------------------------------
+    def onRegister(self) -> None:
+        if not self._ready():
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
+            landmarks = p.landmarksMicroCT and p.landmarksCT and p.landmarksMicroCT.GetNumberOfControlPoints() > 0
+            transform, registered = self.logic.register(
+                p.ctVolume, p.microCTVolume, initialTransform=p.initialTransform,
+                landmarksFixed=p.landmarksMicroCT if landmarks else None,
+                landmarksMoving=p.landmarksCT if landmarks else None, affine=p.affine)
+            p.registrationTransform = transform
+            p.registeredCT = registered
+            slicer.util.setSliceViewerLayers(background=p.microCTVolume, foreground=p.ctVolume, foregroundOpacity=0.5, fit=True)
+            self.ui.statusLabel.text = _("Registered: the CT is shown on the micro-CT (50 % overlay).")
+
+    # -- 3. tissue map ------------------------------------------------------------------------
+    def onTissueMap(self) -> None:
+        if not self._ready():
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("The tissue map could not be made."), waitCursor=True):
+            segmentation = self.logic.tissueMap(p.microCTVolume)
+            p.tissueSegmentation = segmentation
+            if not p.referenceSegmentation:
+                p.referenceSegmentation = segmentation
+            slicer.util.setSliceViewerLayers(background=p.microCTVolume, fit=True)
+
+    # -- 4. training ---------------------------------------------------------------------------
+    def onAddCase(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("The case could not be added."), waitCursor=True):
+            folder = self.logic.addCase(_path(p.datasetDir), p.caseName.strip(), p.ctVolume, p.microCTVolume,
+                                        p.registrationTransform, p.tissueSegmentation, group=p.group.strip(), split=p.caseSplit)
+            self.ui.statusLabel.text = _("Added case {name} ({split} of group {group}) in {folder}.").format(
+                name=p.caseName, split=p.caseSplit, group=p.group, folder=folder)
+            self._checkCanApply()
+
+    def onTrain(self, resume: bool = False):
+        if not self._ready():
+            return None
+        p = self._parameterNode
+        job = self.logic.train(_path(p.datasetDir), group=p.group.strip(), model=p.model, preset=p.preset,
+                               outDir=_path(p.runDir), resume=resume, device=p.device, wait=False)
+        slicer.modules.plots.logic().ShowChartInLayout(self.logic.lossChart.chart_node)
+
+        def done(modelPath):
+            p.modelPath = pathlib.Path(modelPath)
+            self.ui.statusLabel.text = _("Trained: {path}").format(path=modelPath)
+
+        return job, done
+
+    def onResume(self):
+        return self.onTrain(resume=True)
+
+    # -- 5. synthesis -------------------------------------------------------------------------
+    def onSynthesize(self):
+        if not self._ready():
+            return None
+        p = self._parameterNode
+        onGrid = p.synthesizeOnMicroCTGrid and p.microCTVolume
+        job = self.logic.synthesize(p.ctVolume, _path(p.modelPath), roiNode=None if onGrid else p.roi,
+                                    referenceNode=p.microCTVolume if onGrid else None, samples=p.samples,
+                                    overlap=p.overlap, device=p.device, wait=False)
+
+        def done(nodes):
+            p.syntheticMicroCT = nodes.microct
+            p.syntheticTissue = nodes.tissue
+            p.uncertainty = nodes.uncertainty
+            p.compareCGAN = nodes.tissue
+            self.showSideBySide(p.ctVolume, nodes.microct, p.microCTVolume)
+
+        return job, done
+
+    def showSideBySide(self, ctNode, syntheticNode, microCTNode=None) -> None:
+        """CT, synthetic micro-CT and micro-CT in three linked axial views; segmentations overlaid."""
+        layoutManager = slicer.app.layoutManager()
+        layoutNode = layoutManager.layoutLogic().GetLayoutNode()
+        if not layoutNode.IsLayoutDescription(SIDE_BY_SIDE_LAYOUT_ID):
+            layoutNode.AddLayoutDescription(SIDE_BY_SIDE_LAYOUT_ID, SIDE_BY_SIDE_LAYOUT)
+        layoutManager.setLayout(SIDE_BY_SIDE_LAYOUT_ID)
+        for view, volume in zip(("Red", "Yellow", "Green"), (ctNode, syntheticNode, microCTNode or syntheticNode)):
+            widget = layoutManager.sliceWidget(view)
+            widget.mrmlSliceNode().SetOrientation("Axial")
+            composite = widget.mrmlSliceCompositeNode()
+            composite.SetBackgroundVolumeID(volume.GetID() if volume else None)
+            composite.SetForegroundVolumeID(None)
+        # Frame every view on the synthesized region (a few mm), not on the whole CT.
+        layoutManager.sliceWidget("Yellow").fitSliceToBackground()
+        fieldOfView = layoutManager.sliceWidget("Yellow").mrmlSliceNode().GetFieldOfView()
+        bounds = [0.0] * 6
+        syntheticNode.GetRASBounds(bounds)
+        center = [(bounds[2 * i] + bounds[2 * i + 1]) / 2.0 for i in range(3)]
+        for view in ("Red", "Yellow", "Green"):
+            sliceNode = layoutManager.sliceWidget(view).mrmlSliceNode()
+            sliceNode.SetFieldOfView(*fieldOfView)
+            sliceNode.JumpSliceByCentering(*center)
+            layoutManager.sliceWidget(view).mrmlSliceCompositeNode().SetLinkedControl(True)
+
+    # -- 6. atlas -----------------------------------------------------------------------------
+    def onAtlas(self):
+        if not self._ready():
+            return None
+        p = self._parameterNode
+        job = self.logic.atlasSegment(p.ctVolume, _path(p.datasetDir), group=p.group.strip(),
+                                      referenceNode=p.microCTVolume or p.syntheticMicroCT, wait=False)
+
+        def done(segmentation):
+            p.atlasTissue = segmentation
+            p.compareAtlas = segmentation
+
+        return job, done
+
+    # -- 7. compare ---------------------------------------------------------------------------
+    def onCompare(self) -> None:
+        if not self._ready():
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("The comparison failed."), waitCursor=True):
+            segmentations = {}
+            if p.compareCGAN:
+                segmentations["cGAN"] = p.compareCGAN
+            if p.compareAtlas:
+                segmentations["Atlas"] = p.compareAtlas
+            table = self.logic.compare(p.referenceSegmentation, segmentations, referenceVolumeNode=p.microCTVolume)
+            p.comparisonTable = table
+            self.showTable(table)
+
+    @staticmethod
+    def showTable(table) -> None:
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        selection.SetActiveTableID(table.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+
+    # -- background jobs ----------------------------------------------------------------------
+    def _startOrCancel(self, button, start) -> None:
+        if self._job is not None:
+            if button is self._jobButton:
+                self._job.cancel()
+                self.ui.statusLabel.text = _("Cancelling...")
+            return
+        started = None
+        with slicer.util.tryWithErrorDisplay(_("The job could not start."), waitCursor=True):
+            started = start()
+        if not started:
+            return
+        self._job, self._jobDone = started
+        self._jobButton, self._jobButtonText = button, button.text
+        button.text = _("Cancel")
+        self.ui.progressBar.setRange(0, 0)  # busy until the first progress event gives a total
+        self.ui.progressBar.show()
+        self.ui.statusLabel.text = _("Starting...")
+        self._timer.start()
+        self._checkCanApply()
+
+    def _onTimer(self) -> None:
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        try:
+            running = job.poll()
+        except Exception as exc:  # a callback failed; stop the job rather than the timer loop
+            logging.exception("MicroCTSynth job")
+            job.cancel()
+            job.error = str(exc)
+            running = False
+        progress = job.progress or {}
+        if progress.get("total"):
+            self.ui.progressBar.setRange(0, int(progress["total"]))
+            self.ui.progressBar.setValue(int(progress.get("step", 0)))
+        self.ui.statusLabel.text = job_summary(job)
+        if running:
+            return
+        self._timer.stop()
+        done, button = self._jobDone, self._jobButton
+        self._job, self._jobDone, self._jobButton = None, None, None
+        button.text = self._jobButtonText
+        self.ui.progressBar.hide()
+        if job.state == JobState.DONE:
+            with slicer.util.tryWithErrorDisplay(_("The results could not be shown."), waitCursor=True):
+                done(job.result)
+            self.ui.statusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=job.elapsed)
+        elif job.state == JobState.CANCELLED:
+            self.ui.statusLabel.text = _("Cancelled; the scene is as it was.")
+        else:
+            self.ui.statusLabel.text = job.error or _("The job failed.")
+            slicer.util.errorDisplay(job.error or _("The job failed."), detailedText="\n".join(job.stderr))
+        self._checkCanApply()
+
+
+#
+# MicroCTSynthLogic
+#
+
+
+def pythonSlicerExecutable() -> str:
+    """The interpreter for background jobs: PythonSlicer, which sees Slicer's Python packages."""
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    home = getattr(slicer.app, "slicerHome", "") if hasattr(slicer, "app") else ""
+    for name in ("PythonSlicer", "PythonSlicer.exe"):
+        candidate = os.path.join(home, "bin", name)
+        if os.path.isfile(candidate):
+            return candidate
+    return sys.executable
+
+
+class MicroCTSynthLogic(ScriptedLoadableModuleLogic, MicroCTSynthSceneLogic):
+    """The module's logic: :class:`MicroCTSynthSceneLogic` on ``slicer.mrmlScene`` plus the Slicer base.
+
+    Console use (each step returns nodes; background steps take ``wait=True``)::
+
+        logic = slicer.util.getModuleLogic("MicroCTSynth")
+        transform, registered = logic.register(ctNode, microCTNode)
+        tissue = logic.tissueMap(microCTNode)
+        ...
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        workDir = pathlib.Path(slicer.app.temporaryPath) / "MicroCTSynth" if hasattr(slicer, "app") else None
+        MicroCTSynthSceneLogic.__init__(self, slicer.mrmlScene, python=pythonSlicerExecutable(), workDir=workDir)
+
+    def getParameterNode(self):
+        return MicroCTSynthParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def missingPackages() -> list:
+        """The engine's packages that are not installed (by distribution metadata; nothing is imported)."""
+        missing = []
+        for distribution in REQUIRED_PACKAGES:
+            try:
+                importlib.metadata.version(distribution)
+            except importlib.metadata.PackageNotFoundError:
+                missing.append(distribution)
+        return missing
+
+    @staticmethod
+    def installPackages(packages) -> None:
+        """Install ``packages``: torch through the PyTorch extension when it is there, the rest by pip."""
+        packages = list(packages)
+        if "torch" in packages:
+            packages.remove("torch")
+            try:
+                import PyTorchUtils  # the PyTorch extension: picks the build matching the GPU and driver
+            except ImportError:
+                PyTorchUtils = None
+            if PyTorchUtils is not None:
+                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+                if torchLogic.installTorch(askConfirmation=False) is None:
+                    raise MicroCTSynthError("PyTorch could not be installed; install it from the PyTorch extension's module.")
+            else:
+                slicer.util.pip_install("torch")
+        if packages:
+            slicer.util.pip_install([REQUIRED_PACKAGES[p] for p in packages])
+
+
+#
+# MicroCTSynthTest
+#
+
+
+class MicroCTSynthTest(ScriptedLoadableModuleTest):
+    """The self-test: the scenario of ``MicroCTSynthTesting.scenario`` (also run by pytest on slicer-core)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_MicroCTSynth_scenario()
+
+    def test_MicroCTSynth_scenario(self):
+        from MicroCTSynthTesting.scenario import run_scenario
+
+        self.delayDisplay("Tiny phantom case: register, tissue map, train one epoch, synthesize, compare")
+        logic = MicroCTSynthLogic()
+        logic.device = "cpu"
+        with tempfile.TemporaryDirectory(prefix="MicroCTSynthTest-") as folder:
+            figures = run_scenario(logic, folder, log=self.delayDisplay)
+        for method, dice in figures["dice"].items():
+            for tissue, value in dice.items():
+                self.assertTrue(value != value or 0.0 <= value <= 1.0, f"{method} {tissue} Dice {value}")
+        self.delayDisplay("Test passed")

@@ -1,0 +1,188 @@
+"""Static checks of the Slicer module, no Slicer needed: the Python, the .ui, CMake, the dependency rule."""
+
+from __future__ import annotations
+
+import ast
+import re
+import struct
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE_DIR = ROOT / "MicroCTSynth"
+MODULE_PY = MODULE_DIR / "MicroCTSynth.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "MicroCTSynth.ui"
+ENGINE = ROOT / "MicroCTSynthLib"
+
+
+@pytest.fixture(scope="module")
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE_PY.read_text(), filename=str(MODULE_PY))
+
+
+@pytest.fixture(scope="module")
+def ui_root() -> ET.Element:
+    return ET.parse(UI_FILE).getroot()
+
+
+def parameter_fields(tree: ast.Module) -> dict[str, str]:
+    """Field name -> annotation source of the ``@parameterNodeWrapper`` class."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(
+            (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") for d in node.decorator_list
+        ):
+            return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError("MicroCTSynth.py has no @parameterNodeWrapper class")
+
+
+def ui_widgets(root: ET.Element) -> dict[str, ET.Element]:
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def string_property(widget: ET.Element, name: str) -> str | None:
+    for prop in widget.findall("property"):
+        if prop.get("name") == name:
+            s = prop.find("string")
+            return None if s is None else s.text
+    return None
+
+
+def test_module_compiles():
+    compile(MODULE_PY.read_text(), str(MODULE_PY), "exec")
+    compile((MODULE_DIR / "MicroCTSynthTesting" / "scenario.py").read_text(), "scenario.py", "exec")
+
+
+def test_module_has_the_template_structure(module_tree):
+    classes = {n.name: [ast.unparse(b) for b in n.bases] for n in module_tree.body if isinstance(n, ast.ClassDef)}
+    assert classes["MicroCTSynth"] == ["ScriptedLoadableModule"]
+    assert "ScriptedLoadableModuleWidget" in classes["MicroCTSynthWidget"]
+    assert classes["MicroCTSynthLogic"] == ["ScriptedLoadableModuleLogic", "MicroCTSynthSceneLogic"]
+    assert classes["MicroCTSynthTest"] == ["ScriptedLoadableModuleTest"]
+    text = MODULE_PY.read_text()
+    assert '"Segmentation")' in text and "Sun" in text and "2021" in text  # category, thesis cited
+
+
+def test_ui_is_valid_xml(ui_root):
+    assert ui_root.tag == "ui"
+    top = ui_root.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == "MicroCTSynth"
+    names = [w.get("name") for w in ui_root.iter("widget")]
+    assert len(names) == len(set(names)), "widget names must be unique"
+
+
+def test_every_slicer_parameter_name_is_a_parameter_node_field(module_tree, ui_root):
+    fields = parameter_fields(module_tree)
+    bound = {name: string_property(w, "SlicerParameterName") for name, w in ui_widgets(ui_root).items()}
+    bound = {k: v for k, v in bound.items() if v}
+    assert bound, "no widget is bound to the parameter node"
+    unknown = {widget: p for widget, p in bound.items() if p not in fields}
+    assert not unknown, f"SlicerParameterName without a parameter node field: {unknown}"
+    assert len(set(bound.values())) == len(bound), "two widgets bound to one parameter"
+
+
+#: Which widget may represent which kind of field (the connectors of slicer.parameterNodeWrapper).
+WIDGET_TYPES = {
+    "QCheckBox": lambda a: a == "bool",
+    "QSpinBox": lambda a: re.fullmatch(r"(Annotated\[)?int\b.*", a) is not None,
+    "ctkSliderWidget": lambda a: re.fullmatch(r"(Annotated\[)?float\b.*", a) is not None,
+    "QLineEdit": lambda a: a == "str",
+    "QComboBox": lambda a: a.startswith("Annotated[str, Choice("),
+    "ctkPathLineEdit": lambda a: a == "pathlib.Path",
+    "qMRMLNodeComboBox": lambda a: a.startswith("vtkMRML"),
+}
+
+
+def test_bound_widgets_can_represent_their_fields(module_tree, ui_root):
+    fields = parameter_fields(module_tree)
+    for name, widget in ui_widgets(ui_root).items():
+        param = string_property(widget, "SlicerParameterName")
+        if not param:
+            continue
+        cls, annotation = widget.get("class"), fields[param]
+        assert cls in WIDGET_TYPES, f"{name}: no connector for {cls}"
+        assert WIDGET_TYPES[cls](annotation), f"{name} ({cls}) cannot show {param}: {annotation}"
+        if cls == "qMRMLNodeComboBox":
+            types = [s.text for p in widget.findall("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]
+            assert types == [annotation], f"{name} lists {types} for a {annotation}"
+        if cls == "QComboBox":
+            items = [i.find("property/string").text for i in widget.findall("item")]
+            choices = ast.literal_eval(re.search(r"Choice\((\[.*\])\)", annotation).group(1))
+            assert items == choices, f"{name}: items {items} differ from the choices {choices}"
+
+
+def test_every_ui_name_the_widget_uses_exists(module_tree, ui_root):
+    used = {
+        n.attr for n in ast.walk(module_tree)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute) and n.value.attr == "ui"
+        and isinstance(n.value.value, ast.Name) and n.value.value.id == "self"
+    }
+    assert {"trainButton", "progressBar", "statusLabel"} <= used
+    missing = used - set(ui_widgets(ui_root))
+    assert not missing, f"self.ui names missing from the .ui: {sorted(missing)}"
+
+
+def test_every_button_starts_disabled_until_its_inputs_exist(ui_root):
+    buttons = [w for w in ui_root.iter("widget") if w.get("class") == "QPushButton"]
+    assert len(buttons) >= 9
+    for button in buttons:
+        enabled = [p.find("bool").text for p in button.findall("property") if p.get("name") == "enabled"]
+        assert enabled == ["false"], f"{button.get('name')} is enabled before its inputs exist"
+
+
+def test_no_heavy_import_at_module_import(module_tree):
+    """Dependencies are checked on first use, never at import: torch and scikit-image stay out."""
+    top_level = set()
+    for node in module_tree.body:
+        if isinstance(node, ast.Import):
+            top_level |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            top_level.add(node.module.split(".")[0])
+    assert not top_level & {"torch", "skimage", "scipy", "monai"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_one_direction_of_dependency():
+    """Only mrml.py talks to Slicer, and never to Qt or the application."""
+    for path in sorted(ENGINE.glob("*.py")):
+        found = _imports(path) & {"slicer", "qt", "ctk", "vtk", "__main__"}
+        if path.name == "mrml.py":
+            assert found <= {"slicer", "vtk"}, f"mrml.py imports {found}"
+            used = {n.attr for n in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "slicer"}
+            assert not used & {"app", "util"}, "mrml.py must not reach for the Slicer application"
+        else:
+            assert not found, f"{path.name} imports {found}"
+
+
+def test_cmake_lists_name_existing_files():
+    top = (ROOT / "CMakeLists.txt").read_text()
+    assert re.search(r'set\(EXTENSION_CATEGORY "Segmentation"\)', top)
+    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', top)
+    assert "add_subdirectory(MicroCTSynth)" in top
+    module = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule" in module and "slicer_add_python_unittest" in module
+    block = re.findall(r"set\(MODULE_PYTHON_(?:SCRIPTS|RESOURCES)\s+(.*?)\)", module, re.S)
+    files = [f.replace("${MODULE_NAME}", "MicroCTSynth") for b in block for f in b.split()]
+    assert files
+    for f in files:
+        assert (MODULE_DIR / f).is_file(), f"MicroCTSynth/CMakeLists.txt names a missing file {f}"
+    assert (ROOT / "Resources" / "presets").glob("*.json")
+
+
+@pytest.mark.parametrize("icon", [MODULE_DIR / "Resources" / "Icons" / "MicroCTSynth.png", ROOT / "Resources" / "Icons" / "MicroCTSynth.png"])
+def test_icons_are_128_pixel_pngs(icon):
+    head = icon.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", head[16:24]) == (128, 128)
