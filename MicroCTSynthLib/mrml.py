@@ -464,6 +464,11 @@ def metrics_from_table(node) -> dict:
 #: Loss terms of the training's progress events worth a curve, in the order they are plotted.
 LOSS_PREFIXES = ("G_", "D_", "loss", "val")
 
+#: Curve colours of the loss chart (matplotlib's "tab10"), fixed rather than drawn from a colour
+#: table, so that the chart looks the same in Slicer and on slicer-core.
+CURVE_COLORS = ((0.12, 0.47, 0.71), (1.0, 0.50, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16), (0.58, 0.40, 0.74),
+                (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.50, 0.50, 0.50), (0.74, 0.74, 0.13), (0.09, 0.75, 0.81))
+
 
 class LossChart:
     """The live loss chart of a training: a table node, one plot series per loss, a chart node.
@@ -520,9 +525,16 @@ class LossChart:
                 series.SetYColumnName(term)
                 series.SetPlotType(series.PlotTypeScatter)
                 series.SetMarkerStyle(series.MarkerStyleNone)
-                series.SetUniqueColor()
+                series.SetColor(*CURVE_COLORS[len(self.series) % len(CURVE_COLORS)])
                 self.chart_node.AddAndObservePlotSeriesNodeID(series.GetID())
                 self.series[term] = series
+
+    def remove(self) -> None:
+        """Take the chart, its curves and its table out of the scene."""
+        for node in [*self.series.values(), self.chart_node, self.table_node]:
+            if node is not None and node.GetScene() is not None:
+                self.scene.RemoveNode(node)
+        self.series = {}
 
     def values(self, term: str) -> list[float]:
         return [row.get(term, float("nan")) for row in self.rows]
@@ -578,10 +590,13 @@ class MicroCTSynthSceneLogic:
     def _writeVolume(self, node, path: Path, world: bool = True) -> Path:
         return write_volume(volume_from_node(node, world=world), path)
 
-    def _startJob(self, command: str, args: list[str], onResult: Callable[[Job], object], wait: bool,
-                  onEvent: Callable[[dict], None] | None = None):
+    def _checkIdle(self) -> None:
         if self.job is not None and self.job.state in (JobState.RUNNING, JobState.IMPORTING, JobState.CANCELLING):
             raise MicroCTSynthError("Another job is still running; wait for it or cancel it first.")
+
+    def _startJob(self, command: str, args: list[str], onResult: Callable[[Job], object], wait: bool,
+                  onEvent: Callable[[dict], None] | None = None, onFinish: Callable[[Job], None] | None = None):
+        self._checkIdle()
 
         def on_event(event: dict) -> None:
             if onEvent is not None:
@@ -589,7 +604,8 @@ class MicroCTSynthSceneLogic:
             if self.onJobEvent is not None:
                 self.onJobEvent(event)
 
-        job = Job(engine_command(command, *args, python=self.python), on_event=on_event, on_result=onResult)
+        job = Job(engine_command(command, *args, python=self.python), on_event=on_event, on_result=onResult,
+                  on_finish=onFinish)
         self.job = job
         job.start()
         if not wait:
@@ -710,6 +726,7 @@ class MicroCTSynthSceneLogic:
         The losses stream into a plot chart node (``self.lossChart``). Result: the path of
         ``best.pt`` (the epoch with the lowest validation loss).
         """
+        self._checkIdle()
         if model not in ("single", "multi"):
             raise MicroCTSynthError(f"The model is 'single' or 'multi', not '{model}'.")
         outDir = Path(outDir) if outDir else Path(datasetDir) / "runs" / f"{group}_{model}"
@@ -736,7 +753,14 @@ class MicroCTSynthSceneLogic:
                 raise MicroCTSynthError("The training ended without writing a model.")
             return Path(best)
 
-        return self._startJob("train", args, on_result, wait, on_event)
+        def on_finish(job: Job):
+            # A failed or cancelled job leaves the scene as it was: its chart goes too.
+            if job.state != JobState.DONE and chart_ is not None:
+                chart_.remove()
+                if self.lossChart is chart_:
+                    self.lossChart = None
+
+        return self._startJob("train", args, on_result, wait, on_event, on_finish)
 
     # -- 5. synthesis -----------------------------------------------------------------------
     def synthesize(self, ctNode, modelPath, roiNode=None, referenceNode=None, samples: int = 1, overlap: float = 0.5,
@@ -749,6 +773,7 @@ class MicroCTSynthSceneLogic:
         gives the voxel-wise standard deviation (an uncertainty volume). Result:
         :class:`SynthesisNodes`.
         """
+        self._checkIdle()
         _scalar_volume(ctNode, "CT")
         if not modelPath or not Path(modelPath).is_file():
             raise MicroCTSynthError(f"The model file '{modelPath}' does not exist; train a model or choose its best.pt.")
@@ -761,25 +786,27 @@ class MicroCTSynthSceneLogic:
             args += ["--reference-grid", str(self._writeVolume(referenceNode, folder / "reference.nrrd"))]
         elif roiNode is not None:
             center, size = roi_from_node(roiNode)
-            args += ["--roi", ",".join(f"{v:.6f}" for v in center), ",".join(f"{v:.6f}" for v in size)]
+            # A leading space keeps argparse from taking "-12.3,..." for an option; the engine strips it.
+            args += ["--roi", " " + ",".join(f"{v:.6f}" for v in center), " " + ",".join(f"{v:.6f}" for v in size)]
         if samples > 1:
             args += ["--samples", str(int(samples)), "--uncertainty", str(folder / "uncertainty.nrrd")]
         base = name or f"{ctNode.GetName()} synthetic micro-CT"
 
         def on_result(job: Job):
-            microct = read_volume(job.outputs.get("microct", out_microct))
-            tissue = read_volume(job.outputs.get("tissue", out_tissue))
+            # Read every output before touching the scene, so that a bad file adds no node.
+            microct = read_volume(job.outputs.get("microct", out_microct), "The synthetic micro-CT")
+            tissue = read_volume(job.outputs.get("tissue", out_tissue), "The synthetic tissue map")
             uncertainty = job.outputs.get("uncertainty")
+            uncertainty = read_volume(uncertainty, "The uncertainty volume") if uncertainty else None
             nodes = SynthesisNodes(
                 microct=node_from_volume(microct, base, self.scene),
                 tissue=segmentation_from_labels(tissue, f"{base} tissue map", self.scene),
-                uncertainty=node_from_volume(read_volume(uncertainty), f"{base} uncertainty", self.scene) if uncertainty else None,
+                uncertainty=node_from_volume(uncertainty, f"{base} uncertainty", self.scene) if uncertainty is not None else None,
             )
             nodes.tissue.SetReferenceImageGeometryParameterFromVolumeNode(nodes.microct)
-            shutil.rmtree(folder, ignore_errors=True)
             return nodes
 
-        return self._startJob("synthesize", args, on_result, wait)
+        return self._startJob("synthesize", args, on_result, wait, onFinish=lambda job: shutil.rmtree(folder, ignore_errors=True))
 
     # -- 6. atlas ---------------------------------------------------------------------------
     def atlasSegment(self, ctNode, datasetDir, group: str = "A", referenceNode=None, atlases: Iterable[str] | None = None,
@@ -787,6 +814,7 @@ class MicroCTSynthSceneLogic:
         """The atlas baseline: the group's training CTs registered to this CT, their tissue maps
         warped and majority-voted. The output lies on ``referenceNode``'s grid (default: the CT's,
         as shown). Result: a segmentation node "Atlas tissue map"."""
+        self._checkIdle()
         _scalar_volume(ctNode, "CT")
         folder = self.jobDir("atlas")
         out = folder / "atlas_tissue.nrrd"
@@ -794,23 +822,18 @@ class MicroCTSynthSceneLogic:
                 "--group", group, "--out", str(out)]
         if atlases:
             args += ["--atlases", ",".join(atlases)]
+        grid = referenceNode if referenceNode is not None else ctNode
+        args += ["--reference-grid", str(self._writeVolume(grid, folder / "reference.nrrd"))]
         transform = ctNode.GetParentTransformNode()
-        if referenceNode is not None:
-            args += ["--reference-grid", str(self._writeVolume(referenceNode, folder / "reference.nrrd"))]
-            if transform is not None and transform.IsLinear():
-                args += ["--target-transform", str(write_transform_from_node(transform, folder / "ct_transform.tfm"))]
-        else:
-            args += ["--reference-grid", str(self._writeVolume(ctNode, folder / "reference.nrrd"))]
-            if transform is not None and transform.IsLinear():
-                args += ["--target-transform", str(write_transform_from_node(transform, folder / "ct_transform.tfm"))]
+        if transform is not None and transform.IsLinear():
+            # The CT is written on its own grid; its transform places it on the reference grid.
+            args += ["--target-transform", str(write_transform_from_node(transform, folder / "ct_transform.tfm"))]
 
         def on_result(job: Job):
             labels = read_volume(job.outputs.get("tissue", job.outputs.get("out", out)))
-            node = segmentation_from_labels(labels, name, self.scene)
-            shutil.rmtree(folder, ignore_errors=True)
-            return node
+            return segmentation_from_labels(labels, name, self.scene)
 
-        return self._startJob("atlas", args, on_result, wait)
+        return self._startJob("atlas", args, on_result, wait, onFinish=lambda job: shutil.rmtree(folder, ignore_errors=True))
 
     # -- 7. compare -------------------------------------------------------------------------
     def compare(self, referenceSegmentation, segmentations, referenceVolumeNode=None, name: str = "MicroCTSynth comparison"):

@@ -117,17 +117,20 @@ class Job:
     ``command``: the argument list (see :func:`engine_command`). ``on_event(event)``: called
     from :meth:`poll` for each event, in order. ``on_result(job)``: called once the process
     exited with status 0 (state ``importing``); its return value becomes :attr:`result`, and an
-    exception it raises fails the job with that sentence.
+    exception it raises fails the job with that sentence. ``on_finish(job)``: called once the
+    job has ended in any state (done, failed, cancelled), e.g. to tidy up temporary files.
     """
 
     #: stderr lines kept for the error message of a job that failed without an ``error`` event
     STDERR_LINES = 50
 
     def __init__(self, command: list[str], on_event: Callable[[dict], None] | None = None,
-                 on_result: Callable[["Job"], object] | None = None, cwd=None, env: dict | None = None):
+                 on_result: Callable[["Job"], object] | None = None, cwd=None, env: dict | None = None,
+                 on_finish: Callable[["Job"], None] | None = None):
         self.command = [str(c) for c in command]
         self.on_event = on_event
         self.on_result = on_result
+        self.on_finish = on_finish
         self.cwd = cwd
         self.env = engine_environment() if env is None else env
         self.state = JobState.IDLE
@@ -231,6 +234,13 @@ class Job:
             self.on_event(event)
 
     def _finish(self) -> None:
+        try:
+            self._conclude()
+        finally:
+            if self.on_finish is not None:
+                self.on_finish(self)
+
+    def _conclude(self) -> None:
         for thread in self._threads:
             thread.join(timeout=1.0)
         self.returncode = self._process.returncode

@@ -167,3 +167,18 @@ def test_protocol_helpers():
     assert (Path(first) / "MicroCTSynthLib" / "process.py").is_file()
     assert env["PYTHONPATH"].endswith("/elsewhere") and env["OMP_NUM_THREADS"] == "2"
     assert engine_command("train", "--data", "D")[-2:] == ["--progress", "json"]
+
+
+@pytest.mark.parametrize("body, state", [
+    ("import sys; sys.exit(0)", JobState.DONE),
+    ("import sys; sys.exit(3)", JobState.FAILED),
+    ("import time; time.sleep(60)", JobState.CANCELLED),
+])
+def test_on_finish_runs_once_whatever_the_end(tmp_path, body, state):
+    ended = []
+    job = Job([sys.executable, "-c", body], on_finish=lambda j: ended.append(j.state)).start()
+    if state == JobState.CANCELLED:
+        job.cancel()
+    assert job.wait(timeout=60) == state
+    job.poll()
+    assert ended == [state]
