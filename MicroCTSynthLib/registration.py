@@ -51,6 +51,7 @@ MIN_OVERLAP = 0.2
 #: Fixed seed: the same inputs give the same transform.
 SEED = 20210401
 
+#: Why the optimiser of the last level stopped, and after how many iterations (diagnostics).
 _LAST_STOP: list = []
 
 INTERPOLATORS = {
@@ -62,6 +63,7 @@ INTERPOLATORS = {
 _ADVICE = ("give an initial transform (--init) or paired landmarks "
            "(--landmarks-fixed/--landmarks-moving) that bring the CT roughly onto the micro-CT")
 _MI_FAILURES = ("joint pdf summed to zero", "too many samples map outside moving image buffer",
+                "all samples map outside moving image buffer", "do not sufficiently overlap",
                 "all the points mapped to outside", "no valid points", "not enough samples")
 
 
@@ -483,11 +485,10 @@ def register(fixed: Volume, moving: Volume, initial: sitk.Transform | None = Non
     elif landmarks_fixed is not None:
         candidates = {"landmarks": rigid_from_landmarks(landmarks_fixed, landmarks_moving)}
     else:
-        moving_mask = None
         candidates = {
             "identity": sitk.Euler3DTransform(),
             "centred geometry": _euler(np.eye(3), moving.center - fixed.center, centre),
-            "centred moments": _euler(np.eye(3), _moments_centre(moving, moving_mask) - _moments_centre(fixed, mask), centre),
+            "centred moments": _euler(np.eye(3), _moments_centre(moving) - _moments_centre(fixed, mask), centre),
         }
 
     # The best candidate that overlaps the CT enough for mutual information.
