@@ -149,7 +149,7 @@ def draw_parameters(name: str, seed: int = 0, preset: dict | None = None) -> dic
         # Micro-CT scanner (arbitrary grey units)
         "microct_gain": u(9000.0, 11000.0),
         "microct_offset": u(800.0, 1500.0),
-        "microct_noise": u(0.025, 0.04),  # sigma as a fraction of the bone - air contrast
+        "microct_noise": u(0.02, 0.035),  # sigma as a fraction of the bone - air contrast
         "microct_fill_value": 0.0,
         # Clinical CT
         "ct_noise_hu": u(20.0, 60.0),
@@ -528,8 +528,8 @@ def _ct_geometry(preset: dict):
 
 
 def _microct_intensity(mat: np.ndarray, dens: np.ndarray) -> np.ndarray:
-    """Linear attenuation relative to bone of density 1 (air 0, fluid 0.30, soft tissue 0.34)."""
-    lut = np.array([0.0, 0.0, 0.30, 0.0, 0.34], np.float32)
+    """Linear attenuation relative to bone of density 1 (air 0, fluid 0.32, soft tissue 0.37)."""
+    lut = np.array([0.0, 0.0, 0.32, 0.0, 0.37], np.float32)
     out = lut[mat]
     bone = mat == _BONE
     out[bone] = dens[bone]

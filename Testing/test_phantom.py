@@ -1,0 +1,226 @@
+"""The inner-ear phantom: contract, geometry, determinism, and that it is hard in the thesis' way.
+
+The acceptance numbers are checked on two specimens of the ``quick`` preset (the thesis' x2
+downsampled micro-CT): the naive method (CT resampled onto the micro-CT grid with the true
+transform, then the same Otsu + closing) must stay below 0.75 Dice for soft tissue and 0.90 for
+bone, while the micro-CT's own tissue map reaches 0.95 on every class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MicroCTSynthLib import cli, phantom
+from MicroCTSynthLib.dataset import SPECIMENS, THESIS_GROUPS, Dataset
+from MicroCTSynthLib.errors import MicroCTSynthError
+from MicroCTSynthLib.metrics import dice_per_class
+from MicroCTSynthLib.presets import load_preset
+from MicroCTSynthLib.tissue import field_of_view, tissue_map
+from MicroCTSynthLib.volume import read_volume
+
+
+@pytest.fixture(scope="module")
+def quick_pair():
+    """Two specimens of the quick preset (the test cases of the thesis' group A)."""
+    return [phantom.make_specimen(name, "quick", seed=0) for name in ("S3_2", "S3_7")]
+
+
+@pytest.fixture(scope="module")
+def tiny_specimen():
+    return phantom.make_specimen("S3_1", "tiny", seed=0)
+
+
+# -- the thesis' difficulty ----------------------------------------------------------------------
+def test_naive_method_fails_where_the_microct_succeeds(quick_pair):
+    for sp in quick_pair:
+        truth = sp.labels.array
+        naive = dice_per_class(truth, tissue_map(phantom.ct_on_microct_grid(sp)).array)
+        own = dice_per_class(truth, tissue_map(sp.microct).array)
+        assert naive["Soft tissue"] < 0.75, (sp.name, naive)
+        assert naive["Bone"] < 0.90, (sp.name, naive)
+        for name, value in own.items():
+            assert value >= 0.95, (sp.name, name, own)
+
+
+def test_all_three_classes_are_present_in_sensible_amounts(quick_pair):
+    for sp in quick_pair:
+        counts = np.bincount(sp.labels.array.ravel(), minlength=4)[1:]
+        fractions = counts / counts.sum()
+        assert np.all(fractions > 0.05), (sp.name, fractions)
+        assert fractions[2] < 0.85  # not a plain bone block
+
+
+def test_fine_structures_are_finer_than_a_ct_voxel(quick_pair):
+    """Bony septa, lamina, crura and thin soft tissue: parts a 0.3 mm ball does not fit in."""
+    from scipy import ndimage
+
+    from MicroCTSynthLib.tissue import ball
+
+    for sp in quick_pair:
+        truth = sp.labels.array
+        structure = ball(0.15, sp.labels.spacing)
+        thin = {k: (truth == k) & ~ndimage.binary_opening(truth == k, structure) for k in (2, 3)}
+        assert thin[3].sum() > 0.05 * (truth == 3).sum(), sp.name
+        assert thin[2].sum() > 1000, sp.name
+
+
+# -- images and geometry -------------------------------------------------------------------------
+def test_specimen_contract(tiny_specimen):
+    sp = tiny_specimen
+    cfg = load_preset("tiny")
+    assert sp.name == "S3_1"
+    assert np.allclose(sp.microct.spacing, cfg["microct_spacing_mm"])
+    assert np.allclose(sp.ct.spacing, cfg["ct_spacing_mm"])
+    assert sp.labels.array.dtype == np.uint8 and set(np.unique(sp.labels.array)) <= {0, 1, 2, 3}
+    assert sp.labels.same_geometry(sp.microct)
+    assert sp.microct.array.dtype == np.float32
+    assert sp.ct.array.dtype in (np.int16, np.float32)
+    assert abs(sp.microct.extent_mm[0] - cfg["phantom_fov_mm"]) < 2 * cfg["microct_spacing_mm"]
+    json.dumps(sp.params)  # JSON-able
+
+
+def test_microct_field_of_view_is_a_cylinder_with_an_exact_fill(tiny_specimen):
+    sp = tiny_specimen
+    outside = sp.labels.array == 0
+    fill = sp.params["microct_fill_value"]
+    assert outside.any() and (~outside).any()
+    assert np.all(sp.microct.array[outside] == fill)
+    assert not np.any(sp.microct.array[~outside] == fill)
+    # The tissue map finds exactly this field of view.
+    assert np.array_equal(field_of_view(sp.microct), ~outside)
+    # A cylinder about z: every slice holds the same disk.
+    assert np.array_equal(outside[0], outside[-1])
+
+
+def test_microct_contrast_air_dark_soft_mid_bone_bright(tiny_specimen):
+    sp = tiny_specimen
+    a, lab = sp.microct.array, sp.labels.array
+    air, soft, bone = (np.median(a[lab == k]) for k in (1, 2, 3))
+    assert air < soft < bone
+    assert (soft - air) > 0.2 * (bone - air)
+
+
+def test_ct_is_in_hounsfield_units(quick_pair):
+    for sp in quick_pair:
+        ct = phantom.ct_on_microct_grid(sp).array
+        lab = sp.labels.array
+        # Deep inside each class (away from partial volume), the classes' HU ranges.
+        from scipy import ndimage
+
+        def core(k):
+            return ndimage.binary_erosion(lab == k, iterations=10)
+
+        assert np.median(ct[core(1)]) < -850
+        assert -50 < np.median(ct[core(2)]) < 100
+        assert 1000 < np.median(ct[core(3)]) < 2500
+        assert ct.min() > -1100
+
+
+def test_true_transform_is_rigid_bounded_and_centred(tiny_specimen):
+    sp = tiny_specimen
+    t = sp.true_transform
+    assert isinstance(t, (sitk.Euler3DTransform, sitk.VersorRigid3DTransform))
+    assert np.allclose(t.GetCenter(), sp.microct.center, atol=1e-6)
+    R = np.asarray(t.GetMatrix()).reshape(3, 3)
+    assert np.allclose(R @ R.T, np.eye(3), atol=1e-9)
+    angle = math.degrees(math.acos(np.clip((np.trace(R) - 1) / 2, -1, 1)))
+    assert 0 < angle <= 10.0 + 1e-6
+    assert np.linalg.norm(t.GetTranslation()) <= 2.0 + 1e-6
+
+
+def test_ct_grid_covers_the_whole_microct_field_of_view(quick_pair):
+    for sp in quick_pair:
+        inside = np.argwhere(sp.labels.array > 0)[:, ::-1]  # (x, y, z) indices
+        pts = sp.microct.physical_points(inside[:: 97])
+        mapped = np.array([sp.true_transform.TransformPoint(tuple(p)) for p in pts])
+        idx = sp.ct.continuous_indices(mapped)
+        assert np.all(idx >= 0) and np.all(idx <= np.asarray(sp.ct.size) - 1)
+
+
+def _correlation(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def test_true_transform_aligns_the_ct_with_the_microct(quick_pair):
+    sp = quick_pair[0]
+    inside = sp.labels.array > 0
+    micro = sp.microct.array[inside]
+    best = _correlation(phantom.ct_on_microct_grid(sp).array[inside], micro)
+    for shift in ((0.5, 0, 0), (0, 0.5, 0), (0, 0, 0.5)):
+        off = sitk.CompositeTransform([sp.true_transform, sitk.TranslationTransform(3, shift)])
+        moved = phantom.Specimen(sp.name, sp.microct, sp.ct, sp.labels, off, sp.params)
+        assert _correlation(phantom.ct_on_microct_grid(moved).array[inside], micro) < best - 0.02
+    identity = phantom.Specimen(sp.name, sp.microct, sp.ct, sp.labels, sitk.Euler3DTransform(), sp.params)
+    assert _correlation(phantom.ct_on_microct_grid(identity).array[inside], micro) < best - 0.05
+
+
+# -- variation and determinism -------------------------------------------------------------------
+def test_specimens_vary_like_specimens_on_a_scanner_bed():
+    cfg = load_preset("quick")
+    params = [phantom.draw_parameters(name, 0, cfg) for name in SPECIMENS]
+    rotations = np.array([p["pose_rotation_deg"] for p in params])
+    assert np.all(np.abs(rotations) <= 15.0) and rotations.std() > 1.0
+    assert all(np.linalg.norm(p["pose_shift_mm"]) <= 2.0 * math.sqrt(3) for p in params)
+    assert all(0.9 <= p["size_scale"] <= 1.1 for p in params)
+    assert all(2.5 <= p["cochlea_turns"] <= 2.8 for p in params)
+    assert all(20 <= p["ct_noise_hu"] <= 60 for p in params)
+    assert all(0 < p["ct_misalignment_deg"] <= 10 for p in params)
+    for key in ("cochlea_turns", "air_cell_seed", "bone_density", "microct_gain", "canal_basal_radius_mm"):
+        assert len({p[key] for p in params}) == len(SPECIMENS), key
+
+
+def test_deterministic_per_name_and_seed(tiny_specimen):
+    again = phantom.make_specimen("S3_1", "tiny", seed=0)
+    assert np.array_equal(again.microct.array, tiny_specimen.microct.array)
+    assert np.array_equal(again.ct.array, tiny_specimen.ct.array)
+    assert np.array_equal(again.labels.array, tiny_specimen.labels.array)
+    assert again.params == tiny_specimen.params
+    other = phantom.draw_parameters("S3_1", 1, load_preset("tiny"))
+    assert other["air_cell_seed"] != tiny_specimen.params["air_cell_seed"]
+    assert phantom.specimen_seed("S3_1", 0) != phantom.specimen_seed("S3_2", 0)
+
+
+# -- files, command line, bad input --------------------------------------------------------------
+def test_command_writes_the_dataset(tmp_path, capsys):
+    out = tmp_path / "ph"
+    rc = cli.main(["phantom", "--out", str(out), "--preset", "tiny", "--seed", "3",
+                   "--specimens", "S3_8", "--progress", "json"])
+    assert rc == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert any(e["event"] == "log" and "S3_8" in e["message"] and "microct.nrrd" in e["message"] for e in events)
+    assert any(e["event"] == "progress" and e["step"] == 1 for e in events)
+    ds = Dataset.load(out)
+    assert ds.cases == ["S3_8"]
+    assert ds.groups == THESIS_GROUPS
+    assert ds.data["preset"] == "tiny" and ds.data["phantom"]["seed"] == 3
+    for role in ("ct", "microct", "labels_true", "true_transform"):
+        assert ds.path("S3_8", role).is_file()
+    assert (out / "S3_8" / "preview.png").stat().st_size < 250_000
+    sp = phantom.make_specimen("S3_8", "tiny", seed=3)
+    assert np.array_equal(read_volume(ds.path("S3_8", "labels_true")).array, sp.labels.array)
+    assert read_volume(ds.path("S3_8", "microct")).same_geometry(sp.microct)
+    t = sitk.ReadTransform(str(ds.path("S3_8", "true_transform")))
+    for p in ((0.0, 0.0, 0.0), (2.0, -1.0, 1.5)):
+        assert np.allclose(t.TransformPoint(p), sp.true_transform.TransformPoint(p), atol=1e-6)
+    assert not list(out.rglob("*.part*"))  # atomic writes leave no temporary files
+
+
+def test_unknown_specimen_is_refused_with_a_sentence(tmp_path, capsys):
+    with pytest.raises(MicroCTSynthError, match="S3_99"):
+        phantom.make_specimen("S3_99")
+    rc = cli.main(["phantom", "--out", str(tmp_path / "x"), "--preset", "tiny", "--specimens", "S3_1,S3_99"])
+    assert rc == 2
+    assert "S3_99" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "cases.json").exists()
+
+
+def test_preview_is_a_small_png(tiny_specimen, tmp_path):
+    path = phantom.save_preview(tiny_specimen, tmp_path / "p.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size < 250_000
