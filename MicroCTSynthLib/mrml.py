@@ -25,6 +25,7 @@ only when they succeed, so a failed or cancelled job leaves the scene as it was.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -42,6 +43,9 @@ from .errors import MicroCTSynthError
 from .labels import PRIORITY, TISSUE_COLORS, TISSUE_NAMES
 from .process import Job, JobState, engine_command
 from .volume import Volume, atomic_path, check_geometry, read_volume, write_volume
+
+#: Marks the transform nodes :meth:`MicroCTSynthSceneLogic.register` made (and may refine).
+REGISTRATION_ATTRIBUTE = "MicroCTSynth.Registration"
 
 #: LPS <-> RAS: flip the x and y axes of physical space (its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -648,9 +652,13 @@ class MicroCTSynthSceneLogic:
             kwargs = {"landmarks_fixed": fixed_pts, "landmarks_moving": moving_pts}
         transform = registration.register(microct, ct, initial=initial, affine=affine, progress=progress, **kwargs)
         resampled = registration.resample(ct, microct, transform, interpolator="linear", downsample=downsample)
-        reused = initialTransform if initialTransform is not None and initialTransform.GetScene() is self.scene else None
+        # Registering again refines the transform this method made; a user's own initial
+        # transform (a manual alignment) is left as it was.
+        reused = initialTransform if (initialTransform is not None and initialTransform.GetScene() is self.scene
+                                      and initialTransform.GetAttribute(REGISTRATION_ATTRIBUTE)) else None
         name = f"{ctNode.GetName()} to {microCTNode.GetName()}"
         transformNode = transform_node_from_sitk(transform, name, self.scene, node=reused)
+        transformNode.SetAttribute(REGISTRATION_ATTRIBUTE, "1")
         ctNode.SetAndObserveTransformNodeID(transformNode.GetID())
         resampledNode = node_from_volume(resampled, f"{ctNode.GetName()} registered", self.scene)
         return transformNode, resampledNode
@@ -691,7 +699,15 @@ class MicroCTSynthSceneLogic:
         if transformNode is None:
             raise MicroCTSynthError("Register the CT to the micro-CT first (the case needs its transform).")
         root = Path(datasetDir)
-        dataset = Dataset.load(root) if (root / CASES_FILE).is_file() else Dataset.create(root, groups={})
+        if (root / CASES_FILE).is_file():
+            # Not Dataset.load: a group being built may lack its training case for a while.
+            try:
+                dataset = Dataset(root, json.loads((root / CASES_FILE).read_text()))
+            except json.JSONDecodeError as exc:
+                raise MicroCTSynthError(f"'{root / CASES_FILE}' is not valid JSON: {exc}.") from None
+            dataset.data.setdefault("cases", {})
+        else:
+            dataset = Dataset.create(root, groups={})
         dataset.add_case(caseName)
         ct = volume_from_node(ctNode, world=False)
         microct = volume_from_node(microCTNode)

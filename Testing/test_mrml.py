@@ -272,3 +272,15 @@ def test_loss_chart_grows_with_training_events(scene):
     assert table.GetColumnByName("G_L1").GetValue(1) == pytest.approx(0.4)
     assert np.isnan(table.GetColumnByName("val_loss").GetValue(0))
     assert chart.values("G_GAN") == [0.7, 0.6]
+
+
+def test_job_summary_line():
+    from MicroCTSynthLib.process import Job, JobState
+
+    job = Job(["true"])
+    job.state = JobState.RUNNING
+    job.progress = {"event": "progress", "task": "train", "step": 12, "total": 40, "seconds_left": 91.4}
+    assert mrml.job_summary(job) == "train · 12/40 · 1:31 left"
+    assert mrml.format_seconds(3725) == "1:02:05"
+    job.state, job.error = JobState.FAILED, "The model file is not a checkpoint of ours."
+    assert mrml.job_summary(job) == "The model file is not a checkpoint of ours."

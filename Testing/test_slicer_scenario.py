@@ -78,13 +78,24 @@ def test_register_tissue_map_add_case_compare(scene, specimen, tmp_path):
     assert error < 0.15  # half a CT voxel
     assert mrml.volume_from_node(registered).same_geometry(specimen.microct)
 
+    # Registering again refines the same transform node; a user's own initial transform stays as it was.
+    again, _ = logic.register(ct, microct)
+    assert again is transform
+    manual = mrml.transform_node_from_sitk(mrml.sitk_transform_from_node(transform), "manual", scene)
+    before = mrml.array_from_vtk_matrix(manual.GetMatrixTransformToParent())
+    refined, _ = logic.register(ct, microct, initialTransform=manual)
+    assert refined is not manual and ct.GetParentTransformNode() is refined
+    np.testing.assert_array_equal(mrml.array_from_vtk_matrix(manual.GetMatrixTransformToParent()), before)
+
     tissue = logic.tissueMap(microct)
     assert mrml.segment_names(tissue) == ["Air", "Soft tissue", "Bone"]
 
+    # A validation case may come first; the group is complete once its training case is added.
+    logic.addCase(tmp_path / "data", "S3_1b", ct, microct, group="Mine", split="val")
     case = logic.addCase(tmp_path / "data", "S3_1", ct, microct, group="Mine", split="train")
     dataset = Dataset.load(tmp_path / "data")
     assert case == tmp_path / "data" / "S3_1"
-    assert dataset.group("Mine") == {"train": ["S3_1"], "val": [], "test": []}
+    assert dataset.group("Mine") == {"train": ["S3_1"], "val": ["S3_1b"], "test": []}
     # The case's CT is the native one (not moved); its transform is the registration's.
     assert read_volume(dataset.path("S3_1", "ct")).same_geometry(specimen.ct)
     exported = read_volume(dataset.path("S3_1", "tissue"))
