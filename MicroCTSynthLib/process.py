@@ -166,6 +166,8 @@ class Job:
         except OSError as exc:
             self.state = JobState.FAILED
             self.error = f"The job could not start ({self.command[0]}): {exc.strerror or exc}."
+            if self.on_finish is not None:
+                self.on_finish(self)
             raise MicroCTSynthError(self.error) from None
         self.started_at = time.monotonic()
         self.state = JobState.RUNNING

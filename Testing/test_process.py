@@ -151,10 +151,11 @@ def test_crash_without_error_event_reports_the_last_stderr_line(tmp_path):
 def test_a_program_that_does_not_exist_is_a_sentence(tmp_path):
     from MicroCTSynthLib.errors import MicroCTSynthError
 
-    job = Job([str(tmp_path / "no-such-python"), "-m", "MicroCTSynthLib"])
+    ended = []
+    job = Job([str(tmp_path / "no-such-python"), "-m", "MicroCTSynthLib"], on_finish=ended.append)
     with pytest.raises(MicroCTSynthError, match="could not start"):
         job.start()
-    assert job.state == JobState.FAILED
+    assert job.state == JobState.FAILED and ended == [job]
 
 
 def test_protocol_helpers():
