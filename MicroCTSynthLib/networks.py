@@ -1,0 +1,227 @@
+"""The thesis' 3D conditional GAN: ResNet generator (single- or multitask) and PatchGAN discriminator.
+
+A faithful 3D port of pix2pix's ``ResnetGenerator``, ``ResnetBlock`` and ``NLayerDiscriminator``
+(junyanz/pytorch-CycleGAN-and-pix2pix, ``models/networks.py``), the code the thesis adapted:
+
+- every 2D layer becomes its 3D twin (``Conv3d``, ``ConvTranspose3d``, ``ReflectionPad3d``);
+- instance norm is ``InstanceNorm3d(affine=False, track_running_stats=False)``: statistics of the
+  patch itself, in training and at inference alike, so a patch never depends on the batch;
+- convolutions followed by instance norm keep their bias, as pix2pix decides with
+  ``use_bias = norm_layer == InstanceNorm2d`` (in 3D the comparison must be with ``InstanceNorm3d``);
+- the residual blocks keep dropout (p = 0.5): the thesis' noise z, as in pix2pix.
+
+With ``ngf=64``, six blocks and one input channel the generator has 23,493,121 parameters
+(about 23.5 M, as the thesis states).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import init
+
+from .errors import MicroCTSynthError
+
+__all__ = ["ResnetBlock3d", "Generator", "Discriminator", "init_weights", "count_parameters"]
+
+
+def _instance_norm(channels: int) -> nn.Module:
+    # affine=False as pix2pix; no running statistics, so train and eval normalise identically.
+    return nn.InstanceNorm3d(channels, affine=False, track_running_stats=False)
+
+
+#: pix2pix: ``use_bias = norm_layer == nn.InstanceNorm2d``. Instance norm without affine has no
+#: shift of its own, so the convolution before it keeps its bias.
+USE_BIAS = True
+
+
+class ResnetBlock3d(nn.Module):
+    """pix2pix's ``ResnetBlock`` in 3D: x + [pad, conv 3³, norm, ReLU, dropout, pad, conv 3³, norm](x)."""
+
+    def __init__(self, dim: int, dropout: float = 0.5, padding_type: str = "reflect"):
+        super().__init__()
+        pads = {"reflect": nn.ReflectionPad3d, "replicate": nn.ReplicationPad3d}
+        if padding_type not in pads and padding_type != "zero":
+            raise MicroCTSynthError(f"The residual block's padding must be reflect, replicate or zero, not {padding_type!r}.")
+        p = 1 if padding_type == "zero" else 0
+
+        def pad() -> list:
+            return [] if padding_type == "zero" else [pads[padding_type](1)]
+
+        block = pad() + [nn.Conv3d(dim, dim, kernel_size=3, padding=p, bias=USE_BIAS), _instance_norm(dim), nn.ReLU(True)]
+        if dropout > 0:
+            block += [nn.Dropout(dropout)]
+        block += pad() + [nn.Conv3d(dim, dim, kernel_size=3, padding=p, bias=USE_BIAS), _instance_norm(dim)]
+        self.conv_block = nn.Sequential(*block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv_block(x)
+
+
+class Generator(nn.Module):
+    """The thesis' 3D ResNet generator G (pix2pix ``ResnetGenerator``), single-task or multitask.
+
+    7³ stem to ``ngf`` channels, two stride-2 3³ convolutions (ngf → 2·ngf → 4·ngf), ``n_blocks``
+    residual blocks at 4·ngf with dropout (the noise z), two stride-2 transposed convolutions back
+    to ``ngf``, then the 7³ head and tanh: the synthetic micro-CT in [-1, 1].
+
+    Multitask (the thesis' Fig. 4): the same trunk feeds a second 7³ head that outputs
+    ``n_classes`` tissue logits (air, soft tissue, bone = class 0, 1, 2 = label - 1).
+
+    ``forward(x)`` takes x of shape (N, in_channels, D, H, W) with D, H, W divisible by 4 and at
+    least 8, and returns the image (N, 1, D, H, W), or ``(image, logits)`` when multitask.
+
+    The weights are initialised as the thesis' pix2pix does (normal, std 0.02); call
+    :func:`init_weights` for another scheme.
+    """
+
+    N_DOWNSAMPLING = 2
+
+    def __init__(self, in_channels: int = 1, ngf: int = 64, n_blocks: int = 6, multitask: bool = False,
+                 dropout: float = 0.5, n_classes: int = 3):
+        super().__init__()
+        if in_channels < 1 or ngf < 1 or n_blocks < 0 or n_classes < 1:
+            raise MicroCTSynthError(
+                f"The generator needs at least one input channel, one filter and one class, and no negative number "
+                f"of residual blocks (got in_channels={in_channels}, ngf={ngf}, n_blocks={n_blocks}, n_classes={n_classes}).")
+        if not 0.0 <= dropout < 1.0:
+            raise MicroCTSynthError(f"The generator's dropout must lie in [0, 1), not {dropout}.")
+        self._arguments = {"in_channels": int(in_channels), "ngf": int(ngf), "n_blocks": int(n_blocks),
+                           "multitask": bool(multitask), "dropout": float(dropout), "n_classes": int(n_classes)}
+        self.multitask = bool(multitask)
+
+        trunk = [nn.ReflectionPad3d(3), nn.Conv3d(in_channels, ngf, kernel_size=7, padding=0, bias=USE_BIAS),
+                 _instance_norm(ngf), nn.ReLU(True)]
+        for i in range(self.N_DOWNSAMPLING):
+            mult = 2 ** i
+            trunk += [nn.Conv3d(ngf * mult, ngf * mult * 2, kernel_size=3, stride=2, padding=1, bias=USE_BIAS),
+                      _instance_norm(ngf * mult * 2), nn.ReLU(True)]
+        mult = 2 ** self.N_DOWNSAMPLING
+        trunk += [ResnetBlock3d(ngf * mult, dropout=dropout) for _ in range(n_blocks)]
+        for i in range(self.N_DOWNSAMPLING):
+            mult = 2 ** (self.N_DOWNSAMPLING - i)
+            trunk += [nn.ConvTranspose3d(ngf * mult, ngf * mult // 2, kernel_size=3, stride=2, padding=1,
+                                         output_padding=1, bias=USE_BIAS),
+                      _instance_norm(ngf * mult // 2), nn.ReLU(True)]
+        self.trunk = nn.Sequential(*trunk)
+        self.image_head = nn.Sequential(nn.ReflectionPad3d(3), nn.Conv3d(ngf, 1, kernel_size=7, padding=0), nn.Tanh())
+        self.tissue_head = (nn.Sequential(nn.ReflectionPad3d(3), nn.Conv3d(ngf, n_classes, kernel_size=7, padding=0))
+                            if self.multitask else None)
+        init_weights(self)
+
+    @property
+    def arguments(self) -> dict:
+        """The constructor's arguments (plain data), so a checkpoint can rebuild this network."""
+        return dict(self._arguments)
+
+    def forward(self, x: torch.Tensor):
+        _check_input(x, self._arguments["in_channels"], "generator")
+        size = tuple(x.shape[2:])
+        factor = 2 ** self.N_DOWNSAMPLING
+        if any(s % factor for s in size) or min(size) < 2 * factor:
+            # Reflection padding at the bottleneck needs 2 voxels, and the upsampling restores only multiples of 4.
+            raise MicroCTSynthError(f"The generator needs patches whose sides are multiples of {factor} and at least "
+                                    f"{2 * factor} voxels, not {size}.")
+        features = self.trunk(x)
+        image = self.image_head(features)
+        if self.tissue_head is None:
+            return image
+        return image, self.tissue_head(features)
+
+
+class Discriminator(nn.Module):
+    """The conditional 3D PatchGAN D of the thesis (pix2pix ``NLayerDiscriminator``), fed cat(CT, micro-CT).
+
+    4³ convolutions: one stride-2 convolution with LeakyReLU (no norm), ``n_layers - 1`` stride-2
+    convolutions with instance norm and LeakyReLU (filters ndf·min(2^n, 8)), one stride-1 block,
+    then a stride-1 convolution to one logit per patch. With ``n_layers=3`` that is the thesis'
+    three strided blocks and a 70-voxel receptive field.
+
+    ``forward(x, return_features=True)`` also returns the ``n_layers + 1`` intermediate feature maps
+    (the output of each LeakyReLU block, before the final logit convolution) used by the perceptual
+    loss (Eq. 3). Inputs need sides of at least 3·2^n_layers voxels.
+    """
+
+    def __init__(self, in_channels: int = 2, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        if in_channels < 1 or ndf < 1 or n_layers < 1:
+            raise MicroCTSynthError(f"The discriminator needs at least one input channel, filter and strided layer "
+                                    f"(got in_channels={in_channels}, ndf={ndf}, n_layers={n_layers}).")
+        self._arguments = {"in_channels": int(in_channels), "ndf": int(ndf), "n_layers": int(n_layers)}
+        kw, padw = 4, 1
+        blocks = [nn.Sequential(nn.Conv3d(in_channels, ndf, kernel_size=kw, stride=2, padding=padw), nn.LeakyReLU(0.2, True))]
+        nf_mult = 1
+        for n in range(1, n_layers):
+            nf_mult_prev, nf_mult = nf_mult, min(2 ** n, 8)
+            blocks.append(nn.Sequential(
+                nn.Conv3d(ndf * nf_mult_prev, ndf * nf_mult, kernel_size=kw, stride=2, padding=padw, bias=USE_BIAS),
+                _instance_norm(ndf * nf_mult), nn.LeakyReLU(0.2, True)))
+        nf_mult_prev, nf_mult = nf_mult, min(2 ** n_layers, 8)
+        blocks.append(nn.Sequential(
+            nn.Conv3d(ndf * nf_mult_prev, ndf * nf_mult, kernel_size=kw, stride=1, padding=padw, bias=USE_BIAS),
+            _instance_norm(ndf * nf_mult), nn.LeakyReLU(0.2, True)))
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Conv3d(ndf * nf_mult, 1, kernel_size=kw, stride=1, padding=padw)
+        init_weights(self)
+
+    @property
+    def arguments(self) -> dict:
+        """The constructor's arguments (plain data), so a checkpoint can rebuild this network."""
+        return dict(self._arguments)
+
+    @property
+    def min_size(self) -> int:
+        """The smallest patch side that still leaves one logit (each strided conv halves, each 4³ stride-1 conv takes 1)."""
+        return 3 * 2 ** self._arguments["n_layers"]
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        _check_input(x, self._arguments["in_channels"], "discriminator")
+        if min(x.shape[2:]) < self.min_size:
+            raise MicroCTSynthError(f"The discriminator with {self._arguments['n_layers']} strided layers needs patches of "
+                                    f"at least {self.min_size} voxels a side, not {tuple(x.shape[2:])}.")
+        features = []
+        for block in self.blocks:
+            x = block(x)
+            features.append(x)
+        logits = self.head(x)
+        return (logits, features) if return_features else logits
+
+
+def _check_input(x: torch.Tensor, channels: int, name: str) -> None:
+    if x.dim() != 5 or x.shape[1] != channels:
+        raise MicroCTSynthError(f"The {name} expects a batch of shape (N, {channels}, D, H, W), not {tuple(x.shape)}.")
+
+
+def init_weights(net: nn.Module, init_type: str = "normal", init_gain: float = 0.02) -> nn.Module:
+    """pix2pix's initialisation: every Conv3d / ConvTranspose3d (and Linear) weight drawn by ``init_type``
+    ("normal": N(0, init_gain), "xavier", "kaiming", "orthogonal"), biases 0; batch-norm weights N(1, init_gain).
+
+    Instance norm here has no affine weights, so it has nothing to initialise. Returns ``net``.
+    """
+    methods = {
+        "normal": lambda w: init.normal_(w, 0.0, init_gain),
+        "xavier": lambda w: init.xavier_normal_(w, gain=init_gain),
+        "kaiming": lambda w: init.kaiming_normal_(w, a=0, mode="fan_in"),
+        "orthogonal": lambda w: init.orthogonal_(w, gain=init_gain),
+    }
+    if init_type not in methods:
+        raise MicroCTSynthError(f"The weight initialisation must be one of {', '.join(methods)}, not {init_type!r}.")
+
+    def init_func(m: nn.Module) -> None:
+        classname = m.__class__.__name__
+        # "Conv" matches Conv3d and ConvTranspose3d, as pix2pix matches Conv2d / ConvTranspose2d.
+        if getattr(m, "weight", None) is not None and ("Conv" in classname or "Linear" in classname):
+            methods[init_type](m.weight.data)
+            if getattr(m, "bias", None) is not None:
+                init.constant_(m.bias.data, 0.0)
+        elif "BatchNorm" in classname and getattr(m, "weight", None) is not None:
+            init.normal_(m.weight.data, 1.0, init_gain)
+            init.constant_(m.bias.data, 0.0)
+
+    net.apply(init_func)
+    return net
+
+
+def count_parameters(net: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
