@@ -294,7 +294,6 @@ class Anatomy:
         q, rel = q[~drop], rel[~drop]
         self.cell_seeds = q.astype(np.float32)
         self.cell_is_air = rel <= 1.0
-        # Each wall between two cells has its own thickness (a symmetric hash of the pair).
         self.cell_code = rng.uniform(size=len(q)).astype(np.float32)
         self.cell_tree = cKDTree(self.cell_seeds)
         self.mastoid_c, self.mastoid_r = c.astype(np.float32), radii.astype(np.float32)
@@ -366,28 +365,9 @@ class Anatomy:
         density = self.bone_density(q)
         cap = self.capsule
 
-        # Mastoid air cells (Voronoi foam): air where the point is deeper than half a septum
-        # inside its cell; the distance to the bisector of the two nearest seeds is exact.
-        c, r = self.mastoid_c, self.mastoid_r
-        idx = _in_box(q, c - r * self.mastoid_reach, c + r * self.mastoid_reach)
-        rel = _norm((q[:, idx] - _col(c)) / _col(r))
-        idx = idx[rel < self.mastoid_reach]
-        # Pneumatised bone is less dense than the otic capsule; the change is gradual.
-        density[idx] *= 1.0 - 0.08 * np.clip(1.5 - rel[rel < self.mastoid_reach], 0.0, 1.0)
-        if idx.size:
-            dist, nn = self.cell_tree.query(q[:, idx].T, k=2, workers=2)
-            s1, s2 = self.cell_seeds[nn[:, 0]], self.cell_seeds[nn[:, 1]]
-            gap = np.linalg.norm(s2 - s1, axis=1)
-            to_wall = (dist[:, 1] ** 2 - dist[:, 0] ** 2) / (2 * np.maximum(gap, 1e-6))
-            code = np.mod(self.cell_code[nn[:, 0]] + self.cell_code[nn[:, 1]], 1.0)
-            septum = self.p["septum_min_mm"] + (self.p["septum_max_mm"] - self.p["septum_min_mm"]) * code
-            air = self.cell_is_air[nn[:, 0]] & (to_wall > 0.5 * septum)
-            mat[idx[air]] = _AIR
-
         # Middle ear cavity.
         idx = _in_box(q, self.me_c - self.me_r, self.me_c + self.me_r)
-        inside = _norm((q[:, idx] - _col(self.me_c)) / _col(self.me_r)) < 1.0
-        mat[idx[inside]] = _AIR
+        middle_ear = idx[_norm((q[:, idx] - _col(self.me_c)) / _col(self.me_r)) < 1.0]
 
         # Labyrinth and nerves, with their bony walls (otic capsule, canal walls).
         lumen = np.full(n, np.inf, np.float32)
@@ -409,6 +389,30 @@ class Anatomy:
         fr, fw = self.p["facial_nerve_radius_mm"], self.p["facial_canal_wall_mm"]
         idx = _segment_box(q, *self.facial, fr + fw)
         facial[idx] = _segment_distance(q[:, idx], *self.facial) - fr
+        covered = (lumen < cap) | (facial < fw) | (nerve < 0.25)
+        covered[middle_ear] = True
+
+        # Mastoid air cells (Voronoi foam): air where the point is deeper than half a septum
+        # inside its cell; the distance to the bisector of the two nearest seeds is exact.
+        c, r = self.mastoid_c, self.mastoid_r
+        idx = _in_box(q, c - r * self.mastoid_reach, c + r * self.mastoid_reach)
+        rel = _norm((q[:, idx] - _col(c)) / _col(r))
+        near = rel < self.mastoid_reach
+        idx, rel = idx[near], rel[near]
+        # Pneumatised bone is less dense than the otic capsule; the change is gradual.
+        density[idx] *= 1.0 - 0.08 * np.clip(1.5 - rel, 0.0, 1.0)
+        idx = idx[~covered[idx]]  # the cavities and canals painted below hide the foam there
+        if idx.size:
+            dist, nn = self.cell_tree.query(q[:, idx].T, k=2, workers=2)
+            s1, s2 = self.cell_seeds[nn[:, 0]], self.cell_seeds[nn[:, 1]]
+            gap = np.linalg.norm(s2 - s1, axis=1)
+            to_wall = (dist[:, 1] ** 2 - dist[:, 0] ** 2) / (2 * np.maximum(gap, 1e-6))
+            # Each wall between two cells has its own thickness (a symmetric hash of the pair).
+            code = np.mod(self.cell_code[nn[:, 0]] + self.cell_code[nn[:, 1]], 1.0)
+            septum = self.p["septum_min_mm"] + (self.p["septum_max_mm"] - self.p["septum_min_mm"]) * code
+            air = self.cell_is_air[nn[:, 0]] & (to_wall > 0.5 * septum)
+            mat[idx[air]] = _AIR
+        mat[middle_ear] = _AIR
 
         capsule = lumen < cap
         mat[capsule | (facial < fw) | (nerve < 0.25)] = _BONE
