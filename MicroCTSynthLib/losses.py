@@ -5,7 +5,8 @@ Tissue maps hold labels 0 outside the micro-CT field of view, 1 air, 2 soft tiss
 tissue head's class index is label - 1. Label-0 voxels carry no target: weighted L1 gives them
 weight 0 and Dice leaves them out.
 
-Image tensors are (N, 1, D, H, W); tissue maps (N, 1, D, H, W) or (N, D, H, W), integer.
+Image tensors are (N, 1, D, H, W); tissue maps (N, 1, D, H, W) or (N, D, H, W), integer. Every
+loss is reduced in float32, also when the networks run under bf16 autocast (``--amp``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class GANLoss(nn.Module):
 
     def forward(self, prediction: torch.Tensor, target_is_real: bool) -> torch.Tensor:
         target = self.real_label if target_is_real else self.fake_label
+        # In float32 whatever the autocast dtype of D's logits: the loss is a mean over many patches.
+        prediction = prediction.float()
         return self.loss(prediction, target.to(prediction.dtype).expand_as(prediction))
 
 
@@ -101,9 +104,10 @@ def weighted_l1(fake: torch.Tensor, real: torch.Tensor, tissue: torch.Tensor) ->
     if fake.shape != real.shape:
         raise MicroCTSynthError(f"The synthetic {tuple(fake.shape)} and real {tuple(real.shape)} micro-CT differ in shape.")
     tissue = _tissue_like(tissue, fake)
-    weights = tissue_class_weights(tissue).to(fake.dtype)
+    weights = tissue_class_weights(tissue)
     counted = (tissue > 0).sum()
-    return (weights * (fake - real).abs()).sum() / counted.clamp(min=1).to(fake.dtype)
+    # Summed in float32: a bf16 sum over a 96³ patch keeps barely three digits.
+    return (weights * (fake.float() - real.float()).abs()).sum() / counted.clamp(min=1).float()
 
 
 def perceptual_loss(discriminator: nn.Module, fake_B: torch.Tensor, real_B: torch.Tensor,
@@ -136,7 +140,7 @@ def perceptual_loss(discriminator: nn.Module, fake_B: torch.Tensor, real_B: torc
 
 
 def _feature_l1(fake_features, real_features) -> torch.Tensor:
-    return sum(F.l1_loss(f, r.detach()) for f, r in zip(fake_features, real_features))
+    return sum(F.l1_loss(f.float(), r.detach().float()) for f, r in zip(fake_features, real_features))
 
 
 def dice_loss(logits: torch.Tensor, tissue: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -157,9 +161,9 @@ def dice_loss(logits: torch.Tensor, tissue: torch.Tensor, eps: float = 1e-5) -> 
     n_classes = logits.shape[1]
     tissue = _tissue_like(tissue, logits[:, :1])
     _check_labels(tissue, n_classes)
-    inside = (tissue > 0).to(logits.dtype)
-    p = torch.softmax(logits, dim=1) * inside
-    t = F.one_hot((tissue[:, 0] - 1).clamp(min=0), n_classes).movedim(-1, 1).to(logits.dtype) * inside
+    inside = (tissue > 0).float()
+    p = torch.softmax(logits.float(), dim=1) * inside
+    t = F.one_hot((tissue[:, 0] - 1).clamp(min=0), n_classes).movedim(-1, 1).float() * inside
     axes = tuple(range(2, logits.dim()))
     dice = (2 * (p * t).sum(axes) + eps) / (p.sum(axes) + t.sum(axes) + eps)
     return 1 - dice.mean()
