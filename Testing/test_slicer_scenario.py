@@ -43,7 +43,7 @@ def test_self_test_scenario(scene, tmp_path):
     assert set(figures["dice"]) == {"cGAN (1 epoch)", "micro-CT tissue map"}
     # Nothing half-made was left behind by the jobs: exactly the nodes the steps promise.
     names = [scene.GetNthNode(i).GetName() for i in range(scene.GetNumberOfNodes())]
-    assert sum(n.startswith("S3_1 CT synthetic micro-CT") and "tissue" not in n for n in names) == 1
+    assert sum(n.startswith("S3_8 CT synthetic micro-CT") and "tissue" not in n for n in names) == 1
     assert not any(n.startswith("__MicroCTSynth") for n in names)
 
 
@@ -105,6 +105,13 @@ def test_register_tissue_map_add_case_compare(scene, specimen, tmp_path):
     table = logic.compare(truth, [tissue], referenceVolumeNode=microct)
     dice = mrml.metrics_from_table(table)["micro-CT tissue map"]["dice"]
     assert all(0.9 <= d <= 1.0 for d in dice.values()), dice
+    # The atlas step's geometry, end to end: the CT written on its own grid with its transform,
+    # the output on the micro-CT grid. With the case as its own atlas the map must come back.
+    atlas = logic.atlasSegment(ct, tmp_path / "data", group="Mine", atlases=["S3_1"], referenceNode=microct, wait=True)
+    assert atlas.GetName() == "Atlas tissue map" and mrml.segment_names(atlas) == ["Air", "Soft tissue", "Bone"]
+    self_dice = mrml.metrics_from_table(logic.compare(tissue, {"atlas": atlas}, referenceVolumeNode=microct))["atlas"]["dice"]
+    assert all(d >= 0.99 for d in self_dice.values()), self_dice
+
     # Without a reference volume the reference segmentation's own geometry serves.
     again = mrml.metrics_from_table(logic.compare(truth, {"same": tissue}))["same"]["dice"]
     assert again == pytest.approx(dice, abs=1e-6)

@@ -93,18 +93,19 @@ def run_scenario(logic, work_dir, log=print, epochs: int = 1) -> dict:
     log(f"trained {epochs} epoch(s) in {figures['train_seconds']:.1f} s -> {model}")
 
     start = time.monotonic()
-    synthetic = logic.synthesize(train["ct"], model, referenceNode=train["microct"], device="cpu", wait=True)
+    # The held-out specimen, on its micro-CT grid (where its CT is shown through its registration).
+    synthetic = logic.synthesize(val["ct"], model, referenceNode=val["microct"], device="cpu", wait=True)
     figures["synthesis_seconds"] = time.monotonic() - start
     _check(synthetic.microct is not None and synthetic.microct.GetImageData() is not None, "the synthetic micro-CT is a volume node")
-    _check(mrml.volume_from_node(synthetic.microct).same_geometry(mrml.volume_from_node(train["microct"])),
+    _check(mrml.volume_from_node(synthetic.microct).same_geometry(mrml.volume_from_node(val["microct"])),
            "the synthetic micro-CT lies on the requested grid")
     _check(mrml.segment_names(synthetic.tissue) == ["Air", "Soft tissue", "Bone"],
            "the synthetic tissue segmentation has the three named segments")
     log(f"synthesized in {figures['synthesis_seconds']:.1f} s")
 
-    truth = mrml.segmentation_from_labels(train["specimen"].labels, f"{TRAIN_CASE} truth", logic.scene)
-    table = logic.compare(truth, {"cGAN (1 epoch)": synthetic.tissue, "micro-CT tissue map": train["tissue"]},
-                          referenceVolumeNode=train["microct"])
+    truth = mrml.segmentation_from_labels(val["specimen"].labels, f"{VAL_CASE} truth", logic.scene)
+    table = logic.compare(truth, {"cGAN (1 epoch)": synthetic.tissue, "micro-CT tissue map": val["tissue"]},
+                          referenceVolumeNode=val["microct"])
     metrics = mrml.metrics_from_table(table)
     _check(table.GetTable().GetNumberOfRows() == 6, "the comparison table has one row per segmentation and tissue")
     for method, values in metrics.items():
