@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +40,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .dataset import CASE_FILES, SPECIMENS, Dataset
+from .dataset import SPECIMENS, Dataset
 from .errors import MicroCTSynthError
 from .labels import AIR, BONE, OUTSIDE, SOFT_TISSUE
 from .presets import load_preset
@@ -153,6 +156,8 @@ def draw_parameters(name: str, seed: int = 0, preset: dict | None = None) -> dic
         "microct_fill_value": 0.0,
         # Clinical CT
         "ct_noise_hu": u(20.0, 60.0),
+        "ct_gain": u(0.97, 1.03),  # calibration drift of the clinical scanner
+        "ct_offset_hu": u(-15.0, 15.0),
         "ct_psf_fwhm_mm": float(preset["phantom_ct_psf_fwhm_mm"]) * u(0.95, 1.1),
         "ct_misalignment_rotvec_rad": rotvec.tolist(),
         "ct_misalignment_deg": angle,
@@ -541,7 +546,7 @@ def _microct_intensity(mat: np.ndarray, dens: np.ndarray) -> np.ndarray:
 
 
 def _ct_hu(mat: np.ndarray, dens: np.ndarray) -> np.ndarray:
-    lut = np.array([-1000.0, -1000.0, 15.0, 0.0, 45.0], np.float32)
+    lut = np.array([-1000.0, -1000.0, 20.0, 0.0, 40.0], np.float32)  # fluid 20 HU, soft tissue 40 HU
     out = lut[mat]
     bone = mat == _BONE
     out[bone] = 1700.0 * dens[bone]
@@ -599,6 +604,7 @@ def make_specimen(name: str, preset="quick", seed: int = 0) -> Specimen:
     hu = ndimage.gaussian_filter(hu, sigma=sigma, output=np.float32)
     nz, ny, nx = ct_size[::-1]
     hu = hu.reshape(nz, k, ny, k, nx, k).mean(axis=(1, 3, 5))
+    hu = hu * np.float32(params["ct_gain"]) + np.float32(params["ct_offset_hu"])
     hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(params["ct_noise_hu"])
     ct = Volume(np.clip(np.rint(hu), -1024, 3071).astype(np.int16), ct_spacing, ct_origin)
     return Specimen(name, microct, ct, labels, transform, params)
@@ -688,36 +694,71 @@ def _specimen_list(specimens) -> list[str]:
     return names
 
 
-def make_phantom(out_dir, preset="quick", seed: int = 0, specimens=None, progress: str = "bar") -> Dataset:
-    """Write the phantom dataset: one folder per specimen and ``cases.json`` with the thesis' groups."""
+def _write_specimen(out_dir: Path, name: str, cfg: dict, seed: int, entry: dict) -> tuple[str, dict, dict, str]:
+    """Make one specimen and write its files; returns (name, params, outputs, summary line)."""
+    sp = make_specimen(name, cfg, seed)
+    case = out_dir / name
+    written = {
+        "ct": write_volume(sp.ct, out_dir / entry["ct"]),
+        "microct": write_volume(sp.microct, out_dir / entry["microct"]),
+        "labels_true": write_volume(sp.labels, out_dir / entry["labels_true"]),
+        "true_transform": _write_transform(sp.true_transform, out_dir / entry["true_transform"]),
+        "preview": save_preview(sp, case / "preview.png"),
+    }
+    summary = (f"{name}: wrote {', '.join(p.name for p in written.values())} in {case} "
+               f"(micro-CT {sp.microct.shape[0]}^3 at {sp.microct.spacing[0]:g} mm, "
+               f"CT {sp.ct.shape[0]}^3 at {sp.ct.spacing[0]:g} mm, misaligned "
+               f"{sp.params['ct_misalignment_deg']:.1f} deg)")
+    return name, sp.params, {k: str(v) for k, v in written.items()}, summary
+
+
+def _default_workers(cfg: dict, n_specimens: int) -> int:
+    # Two processes halve the time on two cores; a paper-size specimen needs about 1 GB, so
+    # those are made one at a time.
+    # Inside the Slicer application sys.executable is Slicer itself, which cannot be spawned.
+    if not Path(sys.executable).name.lower().startswith("python"):
+        return 1
+    n_voxels = (float(cfg["phantom_fov_mm"]) / float(cfg["microct_spacing_mm"])) ** 3
+    return max(1, min(2, os.cpu_count() or 1, n_specimens, 1 if n_voxels > 20e6 else 2))
+
+
+def make_phantom(out_dir, preset="quick", seed: int = 0, specimens=None, progress: str = "bar",
+                 workers: int | None = None) -> Dataset:
+    """Write the phantom dataset: one folder per specimen and ``cases.json`` with the thesis' groups.
+
+    Specimens are made in ``workers`` processes (default: 2 when there are 2 cores and more
+    than one specimen); each is deterministic, so the result does not depend on it.
+    """
     names = _specimen_list(specimens)
     cfg = load_preset(preset)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise MicroCTSynthError(f"'{out_dir}' exists and is not a folder: choose another --out.")
-    ds = Dataset.create(out_dir, preset=cfg.get("name", str(preset)),
-                        phantom={"seed": int(seed), "specimens": {}})
+    ds = Dataset.create(out_dir, preset=cfg.get("name", str(preset)), phantom={"seed": int(seed), "specimens": {}})
+    entries = {name: dict(ds.add_case(name)) for name in names}
+    workers = _default_workers(cfg, len(names)) if workers is None else max(1, int(workers))
+    results = {}
     with Progress(total=len(names), task="phantom", mode=progress, unit="specimen") as bar:
-        for name in names:
-            sp = make_specimen(name, cfg, seed)
-            case = out_dir / name
-            entry = ds.add_case(name)
-            written = {
-                "ct": write_volume(sp.ct, out_dir / entry["ct"]),
-                "microct": write_volume(sp.microct, out_dir / entry["microct"]),
-                "labels_true": write_volume(sp.labels, out_dir / entry["labels_true"]),
-                "true_transform": _write_transform(sp.true_transform, out_dir / entry["true_transform"]),
-                "preview": save_preview(sp, case / "preview.png"),
-            }
-            ds.data["phantom"]["specimens"][name] = sp.params
-            msg = (f"{name}: wrote {', '.join(p.name for p in written.values())} in {case} "
-                   f"(micro-CT {sp.microct.shape[0]}^3 at {sp.microct.spacing[0]:g} mm, "
-                   f"CT {sp.ct.shape[0]}^3 at {sp.ct.spacing[0]:g} mm, misaligned "
-                   f"{sp.params['ct_misalignment_deg']:.1f} deg)")
+
+        def report(name, params, outputs, summary):
+            results[name] = params
             if progress == "json":
-                emit_json("result", task="phantom", case=name, outputs={k: str(v) for k, v in written.items()})
-            bar.log(msg) if progress != "none" else print(msg)
+                emit_json("result", task="phantom", case=name, outputs=outputs)
+            bar.log(summary) if progress != "none" else print(summary, flush=True)
             bar.update(1, case=name)
+
+        jobs = [(out_dir, name, cfg, int(seed), entries[name]) for name in names]
+        if workers == 1:
+            for job in jobs:
+                report(*_write_specimen(*job))
+        else:
+            # spawn, not fork: the caller may hold threads (torch, BLAS) that a fork would copy.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                futures = [pool.submit(_write_specimen, *job) for job in jobs]
+                for future in as_completed(futures):
+                    report(*future.result())
+    ds.data["phantom"]["specimens"] = {name: results[name] for name in names}
     ds.save()
     return ds
 

@@ -211,6 +211,15 @@ def test_command_writes_the_dataset(tmp_path, capsys):
     assert not list(out.rglob("*.part*"))  # atomic writes leave no temporary files
 
 
+def test_parallel_workers_give_the_same_specimens(tmp_path):
+    ds = phantom.make_phantom(tmp_path / "par", preset="tiny", specimens="S3_11,S3_12", progress="none", workers=2)
+    assert ds.cases == ["S3_11", "S3_12"]
+    for name in ds.cases:
+        sp = phantom.make_specimen(name, "tiny")
+        assert np.array_equal(read_volume(ds.path(name, "microct")).array, sp.microct.array)
+        assert ds.data["phantom"]["specimens"][name] == json.loads(json.dumps(sp.params))
+
+
 def test_unknown_specimen_is_refused_with_a_sentence(tmp_path, capsys):
     with pytest.raises(MicroCTSynthError, match="S3_99"):
         phantom.make_specimen("S3_99")
