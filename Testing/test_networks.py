@@ -130,7 +130,8 @@ def test_instance_norm_makes_each_patch_independent_of_the_batch():
     with torch.no_grad():
         together = net(x)
         alone = net(x[:1])
-    torch.testing.assert_close(together[:1], alone, rtol=1e-5, atol=1e-6)
+    # float summation order differs with the batch size (~1e-6); batch statistics would move it by ~1e-1
+    torch.testing.assert_close(together[:1], alone, rtol=1e-4, atol=2e-5)
 
 
 def test_dropout_is_the_noise_in_training_and_off_in_eval():
