@@ -178,14 +178,15 @@ def _weight(weights: dict, key: str) -> float:
 
 def generator_loss(discriminator: nn.Module, real_A: torch.Tensor, fake_B: torch.Tensor, real_B: torch.Tensor,
                    tissue: torch.Tensor, logits: torch.Tensor | None = None, *, gan_loss: GANLoss, weights: dict,
-                   pairing: str = "thesis") -> tuple[torch.Tensor, dict[str, float]]:
+                   pairing: str = "thesis", dice_eps: float = 1e-5) -> tuple[torch.Tensor, dict[str, float]]:
     """The generator's objective: Eq. 5 (single-task) or, when ``logits`` is given, Eq. 6 (multitask).
 
     Eq. 5: L_G = L_GAN + lambda_L1 L_L1 + lambda_perceptual L_perceptual (thesis: 5 and 10).
     Eq. 6: L_G = L_GAN + lambda_L1 L_L1 + lambda_perceptual L_perceptual + lambda_dice L_Dice
     (thesis: 5, 5 and 10). L_GAN is Eq. 1 on D(cat(real_A, fake_B)) with the target "real".
     ``weights`` holds "L1", "perceptual" and (multitask) "dice". Returns the total and each
-    unweighted term as floats: G_GAN, G_L1, G_perceptual (and G_dice).
+    unweighted term as floats: G_GAN, G_L1, G_perceptual (and G_dice). ``pairing`` is that of
+    :func:`perceptual_loss`; ``dice_eps`` the eps of :func:`dice_loss` (the preset's dice_epsilon).
     """
     fake_AB = torch.cat([real_A, fake_B], 1)
     if pairing == "pix2pixhd":
@@ -200,7 +201,7 @@ def generator_loss(discriminator: nn.Module, real_A: torch.Tensor, fake_B: torch
     terms = {"G_GAN": gan_loss(prediction, True), "G_L1": weighted_l1(fake_B, real_B, tissue), "G_perceptual": perceptual}
     total = terms["G_GAN"] + _weight(weights, "L1") * terms["G_L1"] + _weight(weights, "perceptual") * perceptual
     if logits is not None:
-        terms["G_dice"] = dice_loss(logits, tissue)
+        terms["G_dice"] = dice_loss(logits, tissue, eps=dice_eps)
         total = total + _weight(weights, "dice") * terms["G_dice"]
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
@@ -221,7 +222,7 @@ def discriminator_loss(discriminator: nn.Module, real_A: torch.Tensor, fake_B: t
 @torch.no_grad()
 def validation_loss(discriminator: nn.Module, real_A: torch.Tensor, fake_B: torch.Tensor, real_B: torch.Tensor,
                     tissue: torch.Tensor, logits: torch.Tensor | None = None, *, weights: dict | None = None,
-                    pairing: str = "thesis") -> tuple[torch.Tensor, dict[str, float]]:
+                    pairing: str = "thesis", dice_eps: float = 1e-5) -> tuple[torch.Tensor, dict[str, float]]:
     """The thesis' validation loss, which picks ``best.pt`` (Table 2).
 
     Single-task (``logits`` None): weighted L1 (Eq. 2) + perceptual (Eq. 3).
@@ -238,6 +239,6 @@ def validation_loss(discriminator: nn.Module, real_A: torch.Tensor, fake_B: torc
         terms["val_perceptual"] = perceptual_loss(discriminator, fake_B, real_B, real_A, pairing=pairing)
         total = lam("L1") * terms["val_L1"] + lam("perceptual") * terms["val_perceptual"]
     else:
-        terms["val_dice"] = dice_loss(logits, tissue)
+        terms["val_dice"] = dice_loss(logits, tissue, eps=dice_eps)
         total = lam("L1") * terms["val_L1"] + lam("dice") * terms["val_dice"]
     return total, {k: float(v) for k, v in terms.items()}

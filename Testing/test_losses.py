@@ -239,6 +239,8 @@ def test_eq6_total_is_the_weighted_sum_of_its_terms(batch):
     assert total.item() == pytest.approx(expected, rel=1e-5)
     total.backward()
     assert gen.tissue_head[1].weight.grad.abs().sum() > 0
+    _, loose = generator_loss(disc, real_A, fake_B, real_B, tissue, logits, gan_loss=gan, weights=MULTI, dice_eps=0.5)
+    assert loose["G_dice"] == pytest.approx(dice_loss(logits, tissue, eps=0.5).item(), rel=1e-6)
     with pytest.raises(MicroCTSynthError, match="'dice'"):
         generator_loss(disc, real_A, fake_B, real_B, tissue, logits, gan_loss=gan, weights=SINGLE)
 
