@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from MicroCTSynthLib import cli
 from MicroCTSynthLib.errors import MicroCTSynthError
 from MicroCTSynthLib.registration import (
+    _crop_to_field_of_view,
     _mi_error,
     downsample_grid,
     read_landmarks,
@@ -81,6 +82,22 @@ def test_affine_stage_recovers_scaling_the_rigid_stage_cannot(head):
     assert isinstance(estimated, sitk.AffineTransform)
     tre = target_registration_error(estimated, true, points)
     assert tre.max() < 0.5 * min(head.spacing), f"affine TRE mean {tre.mean():.3f} max {tre.max():.3f} mm"
+
+
+@pytest.mark.slow
+def test_small_field_of_view_inside_a_larger_ct(head):
+    # Like a micro-CT specimen inside a clinical CT: only a block of the head is the fixed image,
+    # and the CT around it is cropped before optimisation.
+    moving, true = moved_copy(head, euler(head.center, (6.0, -4.0, 5.0), (3.0, -2.0, 2.0)))
+    fixed = Volume(head.array[25:75, 14:50, 14:50], head.spacing, head.physical_points([[14, 14, 25]])[0], head.direction)
+    cropped = _crop_to_field_of_view(moving, sitk.Euler3DTransform(), fixed, np.ones(fixed.shape, bool))
+    assert np.prod(cropped.shape) < np.prod(moving.shape)
+    corners = fixed.physical_points([[0, 0, 0], [35, 35, 49]])
+    inside = cropped.continuous_indices(corners)
+    assert np.all(inside >= 0) and np.all(inside <= np.asarray(cropped.size) - 1)
+    estimated = register(fixed, moving)
+    tre = target_registration_error(estimated, true, head_points(fixed))
+    assert tre.max() < 0.5 * min(head.spacing), f"TRE mean {tre.mean():.3f} max {tre.max():.3f} mm"
 
 
 @pytest.fixture(scope="module")
