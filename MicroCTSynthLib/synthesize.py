@@ -543,6 +543,7 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
             flush(acc, z_next)
             carry = acc
     finally:
+        generator.eval()  # dropout off again: the caller gets the network as it was handed over
         if not isinstance(progress, Progress):
             progress_bar.close()
 

@@ -336,3 +336,30 @@ def test_parse_roi_and_bad_input():
         synthesize_on_grid(ct, grid, Identity(), LinearNormalization(), 16, blend="hann")
     with pytest.raises(MicroCTSynthError, match="samples"):
         synthesize_on_grid(ct, grid, Identity(), LinearNormalization(), 16, samples=0)
+
+
+# -- the thesis' generator ---------------------------------------------------------------------
+def test_generator_dropout_and_multitask_head():
+    from MicroCTSynthLib.networks import Generator
+
+    torch.manual_seed(3)
+    ct = blob_ct(BLOB)
+    grid = output_grid(ct, 0.15, roi=(BLOB, 2.4))
+    norm = LinearNormalization()
+    with_dropout = Generator(1, ngf=4, n_blocks=1, dropout=0.5)
+    stochastic = synthesize_on_grid(ct, grid, with_dropout, norm, 16, samples=3)
+    assert stochastic.std.array.mean() > 1e-4
+    assert not any(m.training for m in with_dropout.modules())  # dropout back off once done
+    deterministic = synthesize_on_grid(ct, grid, Generator(1, ngf=4, n_blocks=1, dropout=0.0), norm, 16, samples=3)
+    assert np.abs(deterministic.std.array).max() < 1e-6  # equal passes (round-off only)
+
+    multitask = Generator(1, ngf=4, n_blocks=1, multitask=True)
+    conv = multitask.tissue_head[-1]
+    with torch.no_grad():  # a head that says soft tissue everywhere, whatever the image looks like
+        conv.weight.zero_()
+        conv.bias.copy_(torch.tensor([0.0, 4.0, 0.0]))
+    result = synthesize_on_grid(ct, grid, multitask, norm, 16, multitask=True, samples=2)
+    assert np.all(result.tissue.array == 2)
+    p = np.exp([0.0, 4.0, 0.0]) / np.exp([0.0, 4.0, 0.0]).sum()
+    np.testing.assert_allclose(result.entropy.array, -(p * np.log(p)).sum() / np.log(3), rtol=1e-4)
+    assert result.std.array.mean() > 0  # the image head still varies with dropout
