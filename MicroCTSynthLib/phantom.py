@@ -15,10 +15,15 @@ analytic model of a temporal-bone block, evaluated point by point (vectorised nu
 
 The micro-CT renders the truth at its own voxel size with a small (about one voxel) blur,
 scanner gain/offset and noise, inside a cylindrical field of view with an exact constant fill
-value outside, as real reconstructions have. The CT is made from a 0.1 mm rendering of the same
-truth by a clinical point-spread function (Gaussian, FWHM 0.5 mm), averaging over its 0.3 mm
-voxels (partial volume) and noise, on its own grid, misaligned by a random rigid transform
-(``true_transform``: a micro-CT point maps to the CT point, SimpleITK's resampling convention).
+value outside, as real reconstructions have. The CT is made from a finer rendering of the same
+truth (0.1 mm; ``phantom_ct_supersampling``) by a clinical point-spread function (Gaussian, FWHM
+0.5 mm), averaging over its 0.3 mm voxels (partial volume), calibration gain/offset and noise
+(sigma 20-60 HU), on its own grid, misaligned by a random rigid transform (``true_transform``,
+up to 10 deg and 2 mm: a micro-CT point maps to the CT point, SimpleITK's resampling convention).
+The CT grid holds the whole micro-CT field of view after that misalignment, plus a margin.
+
+Mastoid septa are drawn 0.17-0.32 mm thick: thinner ones would be filled by the tissue map's
+0.1 mm closing, so that the micro-CT's own map could no longer serve as the truth it stands for.
 Specimens vary as real ones do: pose on the scanner bed (about +-15 deg per axis, a few mm),
 size (+-10 %), turns, canal radii, the air-cell pattern, bone density, gain, offset and noise.
 """
@@ -514,6 +519,23 @@ def true_transform_of(params: dict, center) -> sitk.Euler3DTransform:
     return t
 
 
+def _check_preset(cfg: dict) -> None:
+    """Refuse grids the phantom cannot make, with a sentence (a preset file may hold anything)."""
+    for key in ("microct_spacing_mm", "ct_spacing_mm", "phantom_fov_mm", "phantom_ct_psf_fwhm_mm"):
+        value = cfg.get(key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise MicroCTSynthError(f"The preset's {key} must be a positive number of mm, not {value!r}.")
+    n = float(cfg["phantom_fov_mm"]) / float(cfg["microct_spacing_mm"])
+    if not 16 <= n <= 1024:
+        raise MicroCTSynthError(
+            f"A {cfg['phantom_fov_mm']} mm field of view at {cfg['microct_spacing_mm']} mm voxels gives "
+            f"{n:.0f} voxels per side; the phantom needs between 16 and 1024."
+        )
+    k = cfg.get("phantom_ct_supersampling")
+    if not isinstance(k, int) or not 1 <= k <= 8:
+        raise MicroCTSynthError(f"The preset's phantom_ct_supersampling must be a whole number from 1 to 8, not {k!r}.")
+
+
 def _microct_geometry(preset: dict):
     spacing = float(preset["microct_spacing_mm"])
     fov = float(preset["phantom_fov_mm"])
@@ -558,6 +580,7 @@ def make_specimen(name: str, preset="quick", seed: int = 0) -> Specimen:
     if name not in SPECIMENS:
         raise MicroCTSynthError(f"Unknown specimen '{name}': the phantom has {', '.join(SPECIMENS)}.")
     cfg = load_preset(preset)
+    _check_preset(cfg)
     params = draw_parameters(name, seed, cfg)
     params["preset"] = cfg.get("name", str(preset))
     anatomy = Anatomy(params)
@@ -732,8 +755,13 @@ def make_phantom(out_dir, preset="quick", seed: int = 0, specimens=None, progres
     names = _specimen_list(specimens)
     cfg = load_preset(preset)
     out_dir = Path(out_dir)
+    _check_preset(cfg)
     if out_dir.exists() and not out_dir.is_dir():
         raise MicroCTSynthError(f"'{out_dir}' exists and is not a folder: choose another --out.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MicroCTSynthError(f"Cannot create the folder '{out_dir}' ({exc.strerror}): choose another --out.") from None
     ds = Dataset.create(out_dir, preset=cfg.get("name", str(preset)), phantom={"seed": int(seed), "specimens": {}})
     entries = {name: dict(ds.add_case(name)) for name in names}
     workers = _default_workers(cfg, len(names)) if workers is None else max(1, int(workers))

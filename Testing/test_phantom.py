@@ -229,6 +229,21 @@ def test_unknown_specimen_is_refused_with_a_sentence(tmp_path, capsys):
     assert not (tmp_path / "x" / "cases.json").exists()
 
 
+def test_bad_output_folder_and_preset_are_refused_with_a_sentence(tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(MicroCTSynthError, match="not a folder"):
+        phantom.make_phantom(a_file, preset="tiny", specimens="S3_1", progress="none")
+    with pytest.raises(MicroCTSynthError, match="Cannot create the folder"):
+        phantom.make_phantom(a_file / "sub", preset="tiny", specimens="S3_1", progress="none")
+    bad = dict(load_preset("tiny"), microct_spacing_mm=0.0)
+    with pytest.raises(MicroCTSynthError, match="microct_spacing_mm"):
+        phantom.make_specimen("S3_1", bad)
+    huge = dict(load_preset("tiny"), microct_spacing_mm=0.001)
+    with pytest.raises(MicroCTSynthError, match="voxels per side"):
+        phantom.make_phantom(tmp_path / "huge", preset=huge, specimens="S3_1", progress="none")
+
+
 def test_preview_is_a_small_png(tiny_specimen, tmp_path):
     path = phantom.save_preview(tiny_specimen, tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
