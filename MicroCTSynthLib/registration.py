@@ -200,17 +200,43 @@ def write_transform(transform: sitk.Transform, path) -> Path:
 
 # -- landmarks ----------------------------------------------------------------------------
 def read_landmarks(path) -> np.ndarray:
-    """Landmarks (N, 3) in LPS mm from a CSV (x,y,z; header optional) or a Slicer ``.mrk.json``.
+    """Landmarks (N, 3) in LPS mm from a CSV (x,y,z; header optional) or a Slicer ``.mrk.json``/``.fcsv``.
 
-    Slicer's markups JSON states its ``coordinateSystem``; RAS points are converted to LPS
-    (x and y negated), the engine's convention.
+    Slicer's markups files state their coordinate system; RAS points are converted to LPS
+    (x and y negated), the engine's convention. A plain CSV is LPS.
     """
     path = Path(path)
     if not path.is_file():
         raise MicroCTSynthError(f"The landmark file '{path}' does not exist: check the path.")
     if path.name.lower().endswith(".json"):
         return _read_markups_json(path)
+    if path.name.lower().endswith(".fcsv"):
+        return _read_fcsv(path)
     return _read_landmarks_csv(path)
+
+
+def _read_fcsv(path: Path) -> np.ndarray:
+    """Slicer's older fiducial CSV: ``# CoordinateSystem = RAS|LPS|0|1`` and rows ``id,x,y,z,...``."""
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise MicroCTSynthError(f"The landmark file '{path}' is not a text .fcsv file.") from None
+    system = "RAS"  # Slicer's default before it wrote the header
+    for line in lines:
+        if line.startswith("#") and "coordinatesystem" in line.lower().replace(" ", ""):
+            value = line.split("=", 1)[-1].strip().upper()
+            system = {"0": "RAS", "1": "LPS"}.get(value, value)
+    if system not in ("RAS", "LPS"):
+        raise MicroCTSynthError(f"The landmark file '{path}' uses the coordinate system '{system}'; LPS or RAS is needed.")
+    points = []
+    for row in csv.reader(ln for ln in lines if ln.strip() and not ln.startswith("#")):
+        if len(row) < 4 or not _numeric(row[1:4]):
+            raise MicroCTSynthError(f"The landmark file '{path}' has a row without x,y,z in columns 2-4: {','.join(row)[:80]!r}.")
+        points.append([float(v) for v in row[1:4]])
+    if not points:
+        raise MicroCTSynthError(f"The landmark file '{path}' holds no points.")
+    flip = np.array([-1.0, -1.0, 1.0]) if system == "RAS" else np.ones(3)
+    return np.asarray(points, dtype=float) * flip
 
 
 def _read_markups_json(path: Path) -> np.ndarray:

@@ -272,6 +272,12 @@ def test_read_landmarks_csv_and_slicer_markups(tmp_path):
         path = tmp_path / f"points_{system}.mrk.json"
         path.write_text(json.dumps(doc))
         assert np.allclose(read_landmarks(path), expected * sign)
+    fcsv = tmp_path / "points.fcsv"
+    fcsv.write_text("# Markups fiducial file version = 4.11\n# CoordinateSystem = RAS\n"
+                    "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
+                    + "".join(f"vtkMRMLMarkupsFiducialNode_{i},{p[0]},{p[1]},{p[2]},0,0,0,1,1,1,0,F-{i},,\n"
+                              for i, p in enumerate(expected)))
+    assert np.allclose(read_landmarks(fcsv), expected * np.array([-1.0, -1.0, 1.0]))
     bad = tmp_path / "bad.csv"
     bad.write_text("1,2,3\n4,five,6\n")
     with pytest.raises(MicroCTSynthError, match="not three numbers"):
