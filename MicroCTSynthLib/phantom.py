@@ -746,11 +746,13 @@ def _default_workers(cfg: dict, n_specimens: int) -> int:
 
 
 def make_phantom(out_dir, preset="quick", seed: int = 0, specimens=None, progress: str = "bar",
-                 workers: int | None = None) -> Dataset:
+                 workers: int | None = 1) -> Dataset:
     """Write the phantom dataset: one folder per specimen and ``cases.json`` with the thesis' groups.
 
-    Specimens are made in ``workers`` processes (default: 2 when there are 2 cores and more
-    than one specimen); each is deterministic, so the result does not depend on it.
+    Specimens are made in ``workers`` processes (``None``: 2 when there are 2 cores and more than
+    one specimen, as the command line does); each is deterministic, so the result does not
+    depend on it. Several workers are spawned processes, so a calling script needs the usual
+    ``if __name__ == "__main__":`` guard; the default (1) works in-process.
     """
     names = _specimen_list(specimens)
     cfg = load_preset(preset)
@@ -793,6 +795,7 @@ def make_phantom(out_dir, preset="quick", seed: int = 0, specimens=None, progres
 
 def command_phantom(args: argparse.Namespace) -> int:
     progress = getattr(args, "progress", "bar")
-    ds = make_phantom(args.out, preset=args.preset, seed=args.seed, specimens=args.specimens, progress=progress)
+    ds = make_phantom(args.out, preset=args.preset, seed=args.seed, specimens=args.specimens, progress=progress,
+                      workers=None)
     log(f"Wrote {ds.root / 'cases.json'} with {len(ds.cases)} specimen(s) and groups {', '.join(ds.groups)}", progress if progress != "none" else "bar")
     return 0
