@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import MicroCTSynthError
-from .progress import Progress, log
+from .progress import Progress, emit_json
 from .volume import Volume, atomic_path, read_volume, write_volume
 
 #: Histogram bins of Mattes mutual information (ITK's usual 32-50).
@@ -654,8 +654,6 @@ def command_register(args: argparse.Namespace) -> int:
                f"({_transform_summary(transform, _mask_centroid(fixed, _fixed_mask(fixed)))}): "
                f"{out_transform}, {out_resampled}" + (f" (grid x{downsample} downsampled)" if downsample > 1 else ""))
     if mode == "json":
-        from .progress import emit_json
-
         emit_json("result", outputs={"transform": str(out_transform), "resampled": str(out_resampled)},
                   seconds=round(seconds, 2), message=summary)
     else:
