@@ -363,3 +363,78 @@ def test_generator_dropout_and_multitask_head():
     p = np.exp([0.0, 4.0, 0.0]) / np.exp([0.0, 4.0, 0.0]).sum()
     np.testing.assert_allclose(result.entropy.array, -(p * np.log(p)).sum() / np.log(3), rtol=1e-4)
     assert result.std.array.mean() > 0  # the image head still varies with dropout
+
+
+# -- end to end: checkpoint, synthesize, command line ---------------------------------------------
+def make_checkpoint(path, multitask=False, downsample=1, head_bias=None):
+    from MicroCTSynthLib.checkpoint import save_checkpoint
+    from MicroCTSynthLib.data import Normalization
+    from MicroCTSynthLib.networks import Generator
+    from MicroCTSynthLib.presets import load_preset
+
+    torch.manual_seed(4)
+    generator = Generator(1, ngf=4, n_blocks=1, multitask=multitask)
+    if head_bias is not None:
+        conv = generator.tissue_head[-1]
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.bias.copy_(torch.tensor(head_bias))
+    preset = load_preset("tiny")
+    return save_checkpoint(path, {
+        "model": "multi" if multitask else "single", "epoch": 0, "generator": generator.state_dict(),
+        "generator_args": generator.arguments, "normalization": Normalization((-1000.0, 3000.0), (0.0, 1.0)).to_dict(),
+        "preset": preset, "spacing_mm": [0.0752] * 3, "patch_size": 16, "downsample": downsample,
+        "val_loss": None, "history": [],
+    })
+
+
+def test_synthesize_from_a_checkpoint(tmp_path):
+    from MicroCTSynthLib.synthesize import synthesize
+
+    ct = blob_ct(BLOB)
+    single = make_checkpoint(tmp_path / "single.pt")
+    result = synthesize(ct, single, roi=(BLOB, 1.8), device="cpu")
+    assert result.microct.shape == (24, 24, 24) and np.allclose(result.microct.spacing, 0.0752)
+    np.testing.assert_allclose(result.microct.center, BLOB, atol=1e-6)
+    assert set(np.unique(result.tissue.array)) <= {1, 2, 3} and result.tissue.array.dtype == np.uint8
+    # x2 downsampling: the model's voxel is twice the native micro-CT's
+    coarse = synthesize(ct, make_checkpoint(tmp_path / "down.pt", downsample=2), roi=(BLOB, 1.8), device="cpu")
+    assert coarse.microct.shape == (12, 12, 12) and np.allclose(coarse.microct.spacing, 0.1504)
+    # a multitask model's labels come from its tissue head, not from Otsu
+    multi = make_checkpoint(tmp_path / "multi.pt", multitask=True, head_bias=[0.0, 0.0, 3.0])
+    labelled = synthesize(ct, multi, reference=output_grid(ct, 0.1, roi=(BLOB, 1.6)), samples=2, device="cpu")
+    assert np.all(labelled.tissue.array == 3) and labelled.tissue.shape == (16, 16, 16)
+    with pytest.raises(MicroCTSynthError, match="does not exist"):
+        synthesize(ct, tmp_path / "missing.pt", roi=(BLOB, 1.8))
+
+
+def test_command_line(tmp_path, capsys):
+    from MicroCTSynthLib.cli import main
+    from MicroCTSynthLib.volume import read_volume, write_volume
+
+    ct_path = write_volume(blob_ct(BLOB), tmp_path / "ct.nrrd")
+    model = make_checkpoint(tmp_path / "best.pt")
+    out = {k: tmp_path / f"{k}.nrrd" for k in ("microct", "tissue", "std", "entropy")}
+    center = ",".join(f"{v:.3f}" for v in BLOB)
+    rc = main(["synthesize", "--model", str(model), "--ct", str(ct_path), "--out-microct", str(out["microct"]),
+               "--out-tissue", str(out["tissue"]), "--roi", center, "1.8", "--overlap", "0", "--blend", "constant",
+               "--uncertainty", str(out["std"]), "--entropy", str(out["entropy"]), "--samples", "2",
+               "--device", "cpu", "--progress", "json"])
+    assert rc == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[-1]["event"] == "result"
+    assert set(events[-1]["outputs"]) == {"microct", "tissue", "uncertainty", "entropy"}
+    steps = [e for e in events if e["event"] == "progress"]
+    assert steps and steps[-1]["step"] == steps[-1]["total"] == 8  # 24^3 voxels, 16^3 tiles: 2 x 2 x 2
+    microct, tissue = read_volume(out["microct"]), read_volume(out["tissue"])
+    assert microct.same_geometry(tissue) and microct.shape == (24, 24, 24)
+    np.testing.assert_allclose(microct.center, [round(v, 3) for v in BLOB], atol=1e-6)
+    assert read_volume(out["std"]).array.max() > 0
+    # Bad requests get a sentence and exit status 2, and nothing is written.
+    rc = main(["synthesize", "--model", str(tmp_path / "nope.pt"), "--ct", str(ct_path), "--out-microct",
+               str(tmp_path / "a.nrrd"), "--out-tissue", str(tmp_path / "b.nrrd"), "--progress", "json"])
+    assert rc == 2 and "does not exist" in json.loads(capsys.readouterr().out.splitlines()[-1])["message"]
+    rc = main(["synthesize", "--model", str(model), "--ct", str(ct_path), "--out-microct", str(tmp_path / "a.nrrd"),
+               "--out-tissue", str(tmp_path / "b.nrrd"), "--uncertainty", str(tmp_path / "u.nrrd"), "--progress", "none"])
+    assert rc == 2 and "--samples" in capsys.readouterr().err
+    assert not (tmp_path / "a.nrrd").exists()
