@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving", required=True, help="the CT (moving image)")
     init = p.add_mutually_exclusive_group()
     init.add_argument("--init", help="initial transform (.tfm, micro-CT point -> CT point)")
-    init.add_argument("--landmarks-fixed", help="landmarks in the micro-CT (CSV x,y,z in mm LPS, or Slicer .mrk.json)")
+    init.add_argument("--landmarks-fixed", help="landmarks in the micro-CT (CSV x,y,z in mm LPS, Slicer .mrk.json or .fcsv)")
     p.add_argument("--landmarks-moving", help="the same landmarks in the CT, in the same order")
     p.add_argument("--affine", action="store_true", help="add an affine stage after the rigid one")
     p.add_argument("--out-transform", required=True, help="the estimated transform (.tfm)")
