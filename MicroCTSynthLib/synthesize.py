@@ -528,6 +528,7 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
                     acc.numerators = [np.zeros((c.shape[0], *acc.shape), dtype=np.float32) for c in carry.numerators]
                     for a, c in zip(acc.numerators, carry.numerators):
                         a[:, :n_keep] += c[:, keep]
+                carry = None  # only one slab in memory at a time
             positions = [(z, y, x) for z in group for y in starts[1] for x in starts[2]]
             for p in positions:
                 acc.add_weight(p, weight)
@@ -556,6 +557,7 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
         entropy = _entropy(out_probabilities)
         del out_probabilities
     else:
+        log("Tissue map of the synthetic micro-CT: multi-Otsu and closing.", _mode(progress))
         labels = _otsu_tissue(microct, fov, closing_radius_mm)
         if samples > 1:
             counts = np.zeros((3, *grid.shape), dtype=np.uint16)
