@@ -42,7 +42,7 @@ def _add_specimen(logic, dataset_dir: Path, name: str, split: str, log) -> dict:
 
     start = time.monotonic()
     transform, registered = logic.register(ct, microct)
-    _check(ct.GetParentTransformNodeID() == transform.GetID(), "the registration transform is applied to the CT")
+    _check(ct.GetParentTransformNode() is transform, "the registration transform is applied to the CT")
     _check(mrml.volume_from_node(registered).same_geometry(mrml.volume_from_node(microct)),
            "the resampled CT lies on the micro-CT grid")
     # Registration error at the centre of the micro-CT against the phantom's true transform.
@@ -94,7 +94,8 @@ def run_scenario(logic, work_dir, log=print, epochs: int = 1) -> dict:
 
     start = time.monotonic()
     # The held-out specimen, on its micro-CT grid (where its CT is shown through its registration).
-    synthetic = logic.synthesize(val["ct"], model, referenceNode=val["microct"], device="cpu", wait=True)
+    # overlap 0 (the thesis' tiling): a fifth of the time of the default Gaussian-blended 0.5.
+    synthetic = logic.synthesize(val["ct"], model, referenceNode=val["microct"], overlap=0.0, device="cpu", wait=True)
     figures["synthesis_seconds"] = time.monotonic() - start
     _check(synthetic.microct is not None and synthetic.microct.GetImageData() is not None, "the synthetic micro-CT is a volume node")
     _check(mrml.volume_from_node(synthetic.microct).same_geometry(mrml.volume_from_node(val["microct"])),
