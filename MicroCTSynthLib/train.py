@@ -1,0 +1,590 @@
+"""Training of the thesis' 3D conditional GANs (``microctsynth train``).
+
+The thesis' schedule (pix2pix's, in 3D): batch 1; per iteration one step of the generator G
+(Eq. 5, or Eq. 6 for the multitask model) and then one of the discriminator D (Eq. 1); Adam with
+beta1 = 0.5, beta2 = 0.999; learning rate 2e-4 for ``n_epochs`` epochs, then linearly down to
+exactly 0 over ``n_epochs_decay`` more (one ``LambdaLR`` lambda); a checkpoint every
+``checkpoint_every`` epochs and at the end (``last.pt`` and ``epoch_NNN.pt``); the validation
+loss (single: weighted L1 + perceptual; multitask: weighted L1 + Dice) every ``validate_every``
+epochs and at the end; ``best.pt`` is the epoch with the lowest validation loss (Table 2).
+
+The run folder holds the checkpoints, ``tensorboard/`` (every loss term, the learning rate and
+mid-slices of real_A, fake_B, real_B, and for multitask the class maps), ``snapshots/`` (the same
+pictures as PNG), ``validation_loss.png`` (the thesis' Fig. 6) and ``history.json``.
+
+Determinism: the seed fixes torch, numpy and Python's generators; each epoch's patch order comes
+from seed + epoch; checkpoints keep the generators' states, so ``--resume`` continues the very run
+(on CPU, 4 epochs straight equal 2 epochs and 2 resumed).
+
+More than one process (``torchrun --nproc_per_node N -m MicroCTSynthLib train ...``, i.e.
+``WORLD_SIZE`` > 1): DistributedDataParallel over NCCL (CUDA) or gloo (CPU); each rank trains on
+its own patches; rank 0 validates and writes every file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .checkpoint import (check_network_arguments, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from .data import Normalization, PatchDataset, build_datasets, patch_sampler
+from .errors import MicroCTSynthError
+from .losses import GANLoss, discriminator_loss, generator_loss, validation_loss
+from .networks import Discriminator, Generator
+from .presets import load_preset
+from .progress import Progress, emit_json, log
+from .volume import atomic_path
+
+__all__ = ["train", "command_train", "training_step", "lr_lambda", "make_scheduler", "resolve_device",
+           "loss_weights", "build_networks", "fingerprint", "RunFiles"]
+
+MODELS = ("single", "multi")
+
+
+# -- the schedule ------------------------------------------------------------------------------
+def lr_lambda(n_epochs: int, n_epochs_decay: int):
+    """The thesis' learning-rate factor of epoch ``e`` (0-based): 1 for the first ``n_epochs`` epochs,
+    then 1 - (e + 1 - n_epochs) / n_epochs_decay, reaching exactly 0 at the last epoch.
+
+    pix2pix divides by ``n_epochs_decay + 1`` and so ends at lr / 101; the thesis decays to 0.
+    """
+    n_epochs, n_epochs_decay = int(n_epochs), int(n_epochs_decay)
+
+    def factor(epoch: int) -> float:
+        if epoch < n_epochs or n_epochs_decay <= 0:
+            return 1.0
+        return max(0.0, 1.0 - (epoch + 1 - n_epochs) / n_epochs_decay)
+
+    return factor
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, n_epochs: int, n_epochs_decay: int):
+    """``LambdaLR`` with :func:`lr_lambda`; stepped once per epoch. Its state dict holds plain data only
+    (a function lambda is not saved), so it loads with ``weights_only=True``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(n_epochs, n_epochs_decay))
+
+
+def loss_weights(preset: dict, model: str) -> dict:
+    """The lambdas of Eq. 5 (single) or Eq. 6 (multi) from the preset."""
+    if model == "single":
+        return {"L1": float(preset["lambda_L1_single"]), "perceptual": float(preset["lambda_perceptual_single"])}
+    return {"L1": float(preset["lambda_L1_multi"]), "perceptual": float(preset["lambda_perceptual_multi"]),
+            "dice": float(preset["lambda_dice_multi"])}
+
+
+def build_networks(preset: dict, model: str) -> tuple[Generator, Discriminator]:
+    """G and D as the preset describes them (pix2pix initialisation, drawn from torch's generator)."""
+    if model not in MODELS:
+        raise MicroCTSynthError(f"The model is 'single' or 'multi', not '{model}'.")
+    generator = Generator(in_channels=1, ngf=int(preset["ngf"]), n_blocks=int(preset["n_blocks"]),
+                          multitask=model == "multi", dropout=float(preset["dropout"]))
+    discriminator = Discriminator(in_channels=2, ndf=int(preset["ndf"]), n_layers=int(preset["n_layers_D"]))
+    return generator, discriminator
+
+
+def resolve_device(device="auto", local_rank: int = 0) -> torch.device:
+    """``auto``: CUDA when present (the process' own GPU under torchrun), else CPU."""
+    name = str(device or "auto").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MicroCTSynthError(f"The device '{device}' was asked for, but this computer has no usable CUDA GPU; use --device cpu.")
+        if name == "cuda":
+            name = f"cuda:{local_rank % torch.cuda.device_count()}"
+    elif name != "cpu":
+        raise MicroCTSynthError(f"The device must be auto, cpu, cuda or cuda:N, not '{device}'.")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise MicroCTSynthError(f"The device must be auto, cpu, cuda or cuda:N, not '{device}'.") from None
+
+
+# -- distributed -----------------------------------------------------------------------------------
+class _Distributed:
+    """World size, rank and local rank from torchrun's environment; initialises the process group."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        self.rank = int(os.environ.get("RANK", "0") or 0)
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        self.owned = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, device: torch.device) -> None:
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            self.owned = True
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def gather(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def stop(self) -> None:
+        if self.owned and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+# -- run folder ----------------------------------------------------------------------------------
+class RunFiles:
+    """Paths of a run folder."""
+
+    def __init__(self, out):
+        self.root = Path(out)
+        self.last = self.root / "last.pt"
+        self.best = self.root / "best.pt"
+        self.history = self.root / "history.json"
+        self.curve = self.root / "validation_loss.png"
+        self.snapshots = self.root / "snapshots"
+        self.tensorboard = self.root / "tensorboard"
+
+    def epoch(self, epoch: int) -> Path:
+        return self.root / f"epoch_{epoch:03d}.pt"
+
+
+def _mid_slices(batch_images: dict) -> dict:
+    """Axial mid-slices (H, W) in [0, 1] of each image (1, 1, D, H, W) or class map."""
+    out = {}
+    for name, value in batch_images.items():
+        volume = value[0, 0].detach().float().cpu()
+        mid = volume[volume.shape[0] // 2]
+        if name in ("fake_tissue", "real_tissue"):
+            out[name] = (mid / 3.0).clamp(0, 1).numpy()        # labels 0..3
+        else:
+            out[name] = ((mid + 1) / 2).clamp(0, 1).numpy()    # network units [-1, 1]
+    return out
+
+
+def _save_snapshot(path: Path, slices: dict, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {"real_A": "CT (real_A)", "fake_B": "synthetic micro-CT (fake_B)", "real_B": "micro-CT (real_B)",
+             "fake_tissue": "predicted tissue", "real_tissue": "target tissue"}
+    fig, axes = plt.subplots(1, len(slices), figsize=(3 * len(slices), 3.3))
+    for ax, (name, image) in zip(np.atleast_1d(axes), slices.items()):
+        cmap = "viridis" if "tissue" in name else "gray"
+        ax.imshow(image, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(names.get(name, name), fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+
+
+def _save_curve(path: Path, history: list[dict], model: str) -> None:
+    """The validation loss against the epoch, best epoch marked (the thesis' Fig. 6)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(h["epoch"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if points:
+        x, y = zip(*points)
+        ax.plot(x, y, "o-", label="validation loss")
+        best = min(points, key=lambda p: p[1])
+        ax.plot([best[0]], [best[1]], "r*", markersize=12, label=f"best: epoch {best[0]}")
+        ax.legend()
+    terms = "weighted L1 + perceptual" if model == "single" else "weighted L1 + Dice"
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation loss ({terms})")
+    ax.set_title(f"{'Single-task' if model == 'single' else 'Multitask'} cGAN: validation loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def _write_json(path: Path, data) -> None:
+    def clean(obj):
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [clean(v) for v in obj]
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return None
+        return obj
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(clean(data), indent=2) + "\n")
+
+
+# -- one iteration -----------------------------------------------------------------------------------
+def _set_requires_grad(net: torch.nn.Module, flag: bool) -> None:
+    for p in net.parameters():
+        p.requires_grad_(flag)
+
+
+def _split(output, multitask: bool):
+    return (output[0], output[1]) if multitask else (output, None)
+
+
+def training_step(G, D, discriminator, optimizer_G, optimizer_D, real_A, real_B, tissue, gan_loss: GANLoss,
+                  weights: dict, multitask: bool, autocast=nullcontext) -> dict[str, float]:
+    """One iteration of the thesis: a G step (Eq. 5, or Eq. 6 with the tissue head), then a D step (Eq. 1).
+
+    ``G`` and ``D`` are the networks as trained (DDP-wrapped or not), ``discriminator`` D itself:
+    during G's step D is frozen and called directly, so only G's gradients are made (and reduced
+    across ranks). D's step sees the same fake, detached. Returns every loss term as a float.
+    """
+    _set_requires_grad(discriminator, False)
+    with autocast():
+        fake_B, logits = _split(G(real_A), multitask)
+        loss_G, terms_G = generator_loss(discriminator, real_A, fake_B, real_B, tissue, logits,
+                                         gan_loss=gan_loss, weights=weights)
+    optimizer_G.zero_grad(set_to_none=True)
+    loss_G.backward()
+    optimizer_G.step()
+    _set_requires_grad(discriminator, True)
+    with autocast():
+        loss_D, terms_D = discriminator_loss(D, real_A, fake_B, real_B, gan_loss)
+    optimizer_D.zero_grad(set_to_none=True)
+    loss_D.backward()
+    optimizer_D.step()
+    return {**terms_G, **terms_D}
+
+
+def fingerprint(*modules: torch.nn.Module) -> list[float]:
+    """A few float64 numbers that change with any weight: sum, sum of squares and a position-weighted
+    sum of every parameter. Ranks of a distributed run compare them to check they stayed in step."""
+    values = []
+    for module in modules:
+        for p in module.parameters():
+            flat = p.detach().double().flatten().cpu()
+            ramp = torch.arange(1, flat.numel() + 1, dtype=torch.float64) / flat.numel()
+            values += [float(flat.sum()), float((flat * flat).sum()), float((flat * ramp).sum())]
+    return values
+
+
+def _validate(generator, discriminator, dataset: PatchDataset, device, multitask: bool, autocast) -> dict:
+    """Mean over the validation patches of the thesis' validation loss (dropout off)."""
+    generator.eval()
+    totals: dict[str, float] = {}
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            real_A, real_B = item["real_A"][None].to(device), item["real_B"][None].to(device)
+            tissue = item["tissue"][None].to(device)
+            with autocast():
+                fake_B, logits = _split(generator(real_A), multitask)
+                total, terms = validation_loss(discriminator, real_A, fake_B.float(), real_B, tissue,
+                                               None if logits is None else logits.float())
+            for k, v in {"val_loss": float(total), **terms}.items():
+                totals[k] = totals.get(k, 0.0) + v
+    generator.train()
+    return {k: v / max(len(dataset), 1) for k, v in totals.items()}
+
+
+def _picture(generator, item: dict, device, multitask: bool, autocast) -> dict:
+    """The generator's output on one fixed patch, for TensorBoard and the PNG snapshots."""
+    generator.eval()
+    with torch.no_grad(), autocast():
+        real_A = item["real_A"][None].to(device)
+        fake_B, logits = _split(generator(real_A), multitask)
+    generator.train()
+    images = {"real_A": real_A, "fake_B": fake_B, "real_B": item["real_B"][None]}
+    if multitask:
+        inside = item["tissue"][None].to(device) > 0
+        images["fake_tissue"] = (logits.argmax(1, keepdim=True) + 1) * inside
+        images["real_tissue"] = item["tissue"][None]
+    return images
+
+
+def _snapshot_item(train: PatchDataset, val: PatchDataset | None) -> dict:
+    """The validation patch with the most field of view (else a training patch): shown every time."""
+    source = val if val is not None and len(val) else train
+    best = max(range(len(source)), key=source.fov_fraction)
+    return source[best]
+
+
+# -- training ----------------------------------------------------------------------------------------
+def train(data_dir, group: str = "A", model: str = "single", preset="quick", out=None, epochs_constant=None,
+          epochs_decay=None, device="auto", amp: bool = False, resume=None, seed: int = 0, progress="bar") -> Path:
+    """Train the single-task (Eq. 5) or multitask (Eq. 6) 3D cGAN on ``group`` of ``data_dir``.
+
+    ``preset``: "paper", "quick", "tiny", a JSON path or a dict; ``epochs_constant`` /
+    ``epochs_decay`` replace its ``n_epochs`` / ``n_epochs_decay``; ``out``: the run folder
+    (default DATA/runs/<group>_<model>); ``resume``: "last" (the run folder's last.pt) or a
+    checkpoint path; ``amp``: bf16 autocast on CUDA; ``progress``: "bar", "json" or "none".
+    Returns the path of ``best.pt``.
+    """
+    if model not in MODELS:
+        raise MicroCTSynthError(f"The model is 'single' or 'multi', not '{model}'.")
+    dist = _Distributed()
+    dev = resolve_device(device, dist.local_rank)
+    dist.start(dev)
+    mode = progress if dist.main else "none"
+    try:
+        return _train(data_dir, group, model, preset, out, epochs_constant, epochs_decay, dev, amp, resume, int(seed),
+                      mode, dist)
+    finally:
+        dist.stop()
+
+
+def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_decay, dev, amp, resume, seed, mode,
+           dist: _Distributed) -> Path:
+    preset = load_preset(preset_name)
+    if epochs_constant is not None:
+        preset["n_epochs"] = int(epochs_constant)
+    if epochs_decay is not None:
+        preset["n_epochs_decay"] = int(epochs_decay)
+    n_epochs, n_decay = int(preset["n_epochs"]), int(preset["n_epochs_decay"])
+    if n_epochs < 0 or n_decay < 0 or n_epochs + n_decay < 1:
+        raise MicroCTSynthError(f"Training needs at least one epoch (got {n_epochs} constant + {n_decay} decay).")
+    total_epochs = n_epochs + n_decay
+    multitask = model == "multi"
+    if amp and dev.type != "cuda":
+        warnings.warn("--amp (bf16 autocast) needs a CUDA GPU; training on the CPU in float32.", stacklevel=2)
+        log("--amp needs a CUDA GPU: training on the CPU in float32.", mode)
+        amp = False
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+
+    files = RunFiles(out if out is not None else Path(data_dir) / "runs" / f"{group}_{model}")
+    checkpoint = None
+    if resume:
+        path = files.last if str(resume) == "last" else Path(resume)
+        if str(resume) == "last" and not path.exists():
+            raise MicroCTSynthError(f"There is no run to resume in '{files.root}' (no last.pt); start it without --resume.")
+        checkpoint = load_checkpoint(path, map_location="cpu")
+        if checkpoint.get("model") != model:
+            raise MicroCTSynthError(f"The checkpoint '{path}' is a {checkpoint.get('model')}-task model; "
+                                    f"resume it with --model {checkpoint.get('model')}.")
+
+    _seed_everything(seed)
+    # A resumed run keeps the normalisation its networks learnt with, even if the cases changed since.
+    data = build_datasets(data_dir, group, preset,
+                          normalization=None if checkpoint is None else Normalization.from_dict(checkpoint["normalization"]))
+    train_set, val_set = data["train"], data["val"]
+    normalization: Normalization = data["normalization"]
+    generator, discriminator = build_networks(preset, model)
+    if train_set.patch_size < discriminator.min_size:
+        raise MicroCTSynthError(f"Patches of {train_set.patch_size} voxels are too small for the discriminator with "
+                                f"{preset['n_layers_D']} strided layers (at least {discriminator.min_size}).")
+    lr, beta1 = float(preset["lr"]), float(preset["beta1"])
+    optimizer_G = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, 0.999))
+    optimizer_D = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
+    scheduler_G = make_scheduler(optimizer_G, n_epochs, n_decay)
+    scheduler_D = make_scheduler(optimizer_D, n_epochs, n_decay)
+    gan_loss = GANLoss(preset.get("gan_mode", "vanilla"))
+    weights = loss_weights(preset, model)
+
+    start_epoch, history = 0, []
+    if checkpoint is not None:
+        check_network_arguments(checkpoint["generator_args"], generator.arguments, "generator", path)
+        check_network_arguments({"patch_size": checkpoint["patch_size"], "downsample": checkpoint.get("downsample", 1)},
+                                {"patch_size": train_set.patch_size, "downsample": data["downsample"]}, "patch setting", path)
+        check_network_arguments(checkpoint.get("discriminator_args", {}), discriminator.arguments, "discriminator", path)
+        generator.load_state_dict(checkpoint["generator"])
+        discriminator.load_state_dict(checkpoint["discriminator"])
+        optimizer_G.load_state_dict(checkpoint["optimizer_G"])
+        optimizer_D.load_state_dict(checkpoint["optimizer_D"])
+        scheduler_G.load_state_dict(checkpoint["scheduler_G"])
+        scheduler_D.load_state_dict(checkpoint["scheduler_D"])
+        start_epoch, history = int(checkpoint["epoch"]), list(checkpoint.get("history") or [])
+        rngs = checkpoint["rng"]
+        ranks = rngs.get("ranks") or []
+        set_rng_state(ranks[dist.rank] if dist.enabled and len(ranks) == dist.world else rngs)
+    elif dist.rank > 0:
+        # Same initial weights on every rank (DDP broadcasts rank 0's anyway), own dropout noise.
+        torch.manual_seed(seed + 1_000_003 * dist.rank)
+
+    generator.to(dev).train()
+    discriminator.to(dev).train()
+    gan_loss.to(dev)
+    _optimizer_to(optimizer_G, dev)
+    _optimizer_to(optimizer_D, dev)
+    G, D = generator, discriminator
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [dev.index] if dev.type == "cuda" else None
+        G, D = DDP(generator, device_ids=ids), DDP(discriminator, device_ids=ids)
+
+    sampler = patch_sampler(train_set, shuffle=True, seed=seed, max_patches=preset.get("max_patches_per_epoch"))
+    loader = DataLoader(train_set, batch_size=int(preset.get("batch_size", 1)), sampler=sampler, num_workers=0)
+    steps_per_epoch = len(loader)
+    val_every, ckpt_every = max(int(preset["validate_every"]), 1), max(int(preset["checkpoint_every"]), 1)
+
+    best_val = min((h["val_loss"] for h in history if h.get("val_loss") is not None), default=math.inf)
+    writer, snapshot_item = None, None
+    if dist.main:
+        files.root.mkdir(parents=True, exist_ok=True)
+        writer = _summary_writer(files, start_epoch * steps_per_epoch, mode)
+        snapshot_item = _snapshot_item(train_set, val_set)
+        if val_set is None or len(val_set) == 0:
+            log(f"Group {group} has no validation case: best.pt will be the last epoch.", mode)
+        log(f"Training the {model}-task cGAN on group {group} ({len(train_set)} training patches of "
+            f"{train_set.patch_size}^3, {steps_per_epoch} iterations per epoch, epochs {start_epoch + 1}-{total_epochs}) "
+            f"on {dev}{' with bf16 autocast' if amp else ''}.", mode)
+
+    fingerprints = None
+
+    def state(epoch: int, val: float | None, rngs: list) -> dict:
+        return {"model": model, "epoch": epoch, "generator": generator.state_dict(),
+                "discriminator": discriminator.state_dict(), "optimizer_G": optimizer_G.state_dict(),
+                "optimizer_D": optimizer_D.state_dict(), "scheduler_G": scheduler_G.state_dict(),
+                "scheduler_D": scheduler_D.state_dict(), "rng": {**rngs[0], "ranks": rngs if len(rngs) > 1 else []},
+                "generator_args": generator.arguments, "discriminator_args": discriminator.arguments,
+                "normalization": normalization.to_dict(), "preset": preset, "spacing_mm": list(data["spacing_mm"]),
+                "patch_size": train_set.patch_size, "downsample": data["downsample"], "val_loss": val,
+                "history": history, "group": group, "cases": data["cases"], "seed": seed,
+                "world_size": dist.world, "rank_fingerprints": fingerprints or []}
+
+    bar = Progress(total=(total_epochs - start_epoch) * steps_per_epoch, task="train", mode=mode, unit="it")
+    try:
+        for epoch in range(start_epoch, total_epochs):
+            sampler.set_epoch(epoch)
+            epoch_lr = optimizer_G.param_groups[0]["lr"]
+            sums: dict[str, float] = {}
+            start = time.monotonic()
+            for step, batch in enumerate(loader):
+                real_A = batch["real_A"].to(dev, non_blocking=True)
+                real_B = batch["real_B"].to(dev, non_blocking=True)
+                tissue = batch["tissue"].to(dev, non_blocking=True)
+                terms = training_step(G, D, discriminator, optimizer_G, optimizer_D, real_A, real_B, tissue,
+                                      gan_loss, weights, multitask, autocast)
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                global_step = epoch * steps_per_epoch + step + 1
+                if writer is not None:
+                    for k, v in terms.items():
+                        writer.add_scalar(f"loss/{k}", v, global_step)
+                bar.update(1, epoch=epoch + 1, lr=epoch_lr, **{k: round(v, 5) for k, v in terms.items()})
+            scheduler_G.step()
+            scheduler_D.step()
+            seconds = time.monotonic() - start
+            done = epoch + 1
+            entry = {"epoch": done, "lr": epoch_lr, **{k: v / max(steps_per_epoch, 1) for k, v in sums.items()},
+                     "seconds": round(seconds, 3), "seconds_per_iteration": round(seconds / max(steps_per_epoch, 1), 4),
+                     "val_loss": None}
+            last_epoch = done == total_epochs
+            validate = done % val_every == 0 or last_epoch
+            is_best = False
+            if dist.main:
+                if validate and val_set is not None and len(val_set):
+                    entry.update(_validate(generator, discriminator, val_set, dev, multitask, autocast))
+                    is_best = entry["val_loss"] < best_val
+                    best_val = min(best_val, entry["val_loss"])
+                history.append(entry)
+                if writer is not None:
+                    writer.add_scalar("lr", epoch_lr, done)
+                    for k in ("val_loss", "val_L1", "val_perceptual", "val_dice"):
+                        if entry.get(k) is not None:
+                            writer.add_scalar(f"validation/{k}", entry[k], done)
+                if validate:
+                    slices = _mid_slices(_picture(generator, snapshot_item, dev, multitask, autocast))
+                    if writer is not None:
+                        for name, image in slices.items():
+                            writer.add_image(f"images/{name}", image, done, dataformats="HW")
+                        writer.flush()
+                    _save_snapshot(files.snapshots / f"epoch_{done:03d}.png", slices,
+                                   f"epoch {done}" + (f", validation loss {entry['val_loss']:.4f}" if entry["val_loss"] is not None else ""))
+                    _save_curve(files.curve, history, model)
+                _write_json(files.history, history)
+                bar.update(0, epoch=done, lr=epoch_lr, seconds_per_iteration=entry["seconds_per_iteration"],
+                           **{k: entry[k] for k in ("val_loss", "val_L1", "val_perceptual", "val_dice") if entry.get(k) is not None})
+                if entry["val_loss"] is not None:
+                    bar.log(f"epoch {done}: validation loss {entry['val_loss']:.4f}" + (" (best so far)" if is_best else ""))
+            else:
+                history.append(entry)
+            checkpointing = done % ckpt_every == 0 or last_epoch
+            rngs = dist.gather(rng_state())
+            fingerprints = dist.gather(fingerprint(generator, discriminator)) if dist.enabled and checkpointing else None
+            if fingerprints is not None and dist.main and any(f != fingerprints[0] for f in fingerprints):
+                log("Warning: the ranks' weights differ; the distributed run lost step.", mode)
+            if dist.main:
+                if is_best:
+                    save_checkpoint(files.best, state(done, entry["val_loss"], rngs))
+                if checkpointing:
+                    current = state(done, entry["val_loss"], rngs)
+                    save_checkpoint(files.epoch(done), current)
+                    save_checkpoint(files.last, current)
+                if last_epoch and not files.best.exists():
+                    # No validation case (or none ran): the last epoch stands for the best.
+                    save_checkpoint(files.best, state(done, entry["val_loss"], rngs))
+            dist.barrier()
+        if dist.main and start_epoch >= total_epochs and not files.best.exists() and checkpoint is not None:
+            save_checkpoint(files.best, checkpoint)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    return files.best
+
+
+def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and k != "step":
+                state[k] = v.to(device)
+
+
+def _summary_writer(files: RunFiles, purge_step: int, mode: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional extra of torch
+        log("TensorBoard is not installed: no event files (pip install tensorboard).", mode)
+        return None
+    # purge_step drops events an interrupted run wrote after the checkpoint it resumes from.
+    return SummaryWriter(log_dir=str(files.tensorboard), purge_step=purge_step or None)
+
+
+# -- command line ------------------------------------------------------------------------------------
+def command_train(args) -> int:
+    """``microctsynth train``: train and report the paths of ``best.pt`` and ``last.pt``."""
+    best = train(args.data, group=args.group, model=args.model, preset=args.preset, out=args.out,
+                 epochs_constant=args.epochs_constant, epochs_decay=args.epochs_decay, device=args.device,
+                 amp=args.amp, resume=args.resume, seed=args.seed, progress=args.progress)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return 0
+    outputs = {"best": str(best), "last": str(Path(best).parent / "last.pt")}
+    if args.progress == "json":
+        emit_json("result", outputs=outputs)
+    else:
+        log(f"Trained: best model {best}", args.progress)
+    return 0
