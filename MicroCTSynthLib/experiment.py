@@ -422,7 +422,7 @@ def command_demo(args: argparse.Namespace) -> int:
     start = time.monotonic()
     if not (data / "cases.json").exists():
         log(f"Making the inner-ear phantom ({args.preset}) in {data}", args.progress)
-        make_phantom(data, preset=args.preset, progress=args.progress)
+        make_phantom(data, preset=args.preset, progress=args.progress, workers=None)
     log("Registering and labelling every specimen (prepare)", args.progress)
     reports = prepare(data, progress=args.progress)
     log(format_report(reports), args.progress)

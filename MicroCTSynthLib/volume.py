@@ -262,6 +262,10 @@ class AtomicWrite:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
+            # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)

@@ -155,3 +155,14 @@ def test_failed_write_leaves_nothing(tmp_path, rng, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["out.nrrd"]
     with pytest.raises(MicroCTSynthError, match="endings"):
         write_volume(vol, tmp_path / "out.png")
+
+
+def test_written_files_get_ordinary_permissions(tmp_path, rng):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = write_volume(_volume(rng), tmp_path / "v.nrrd")
+    finally:
+        os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o644
