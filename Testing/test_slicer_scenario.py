@@ -10,8 +10,6 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="the scenario needs the slicer-core package")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("this 'slicer' module has no MRML", allow_module_level=True)
-pytest.importorskip("torch")
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "MicroCTSynth"))
 
@@ -34,6 +32,7 @@ def scene():
 
 
 def test_self_test_scenario(scene, tmp_path):
+    pytest.importorskip("torch")
     for module in ("train", "synthesize", "phantom", "registration"):
         pytest.importorskip(f"MicroCTSynthLib.{module}")
     logic = MicroCTSynthSceneLogic(scene, workDir=tmp_path / "jobs", device="cpu")
@@ -157,3 +156,88 @@ def test_cancelled_training_leaves_the_scene_as_it_was(scene, tmp_path):
     logic.cancel()
     assert job.wait(timeout=30) == JobState.CANCELLED
     assert _node_names(scene) == before and logic.lossChart is None
+
+
+# -- the module file itself, imported on slicer-core with the application's Python parts stood in --
+def install_stand_ins(set_module) -> None:
+    """Stand-ins for what only the Slicer application has (Qt, the scripted-module base classes,
+    the parameter node wrapper, translation), installed with ``set_module(name, module)``."""
+    import types
+
+    qt = types.ModuleType("qt")
+    qt.QTimer = object
+    base = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModuleLogic:  # as Slicer's: cooperative __init__, module name from the class
+        def __init__(self, parent=None):
+            super().__init__()
+            self.moduleName = self.__class__.__name__.removesuffix("Logic")
+
+    base.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"):
+        setattr(base, name, type(name, (), {}))
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.Choice = lambda choices: ("Choice", tuple(choices))
+    wrapper.WithinRange = lambda lo, hi: ("WithinRange", lo, hi)
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    for name, module in {"qt": qt, "slicer.ScriptedLoadableModule": base, "slicer.parameterNodeWrapper": wrapper,
+                         "slicer.i18n": i18n}.items():
+        set_module(name, module)
+
+
+@pytest.fixture
+def module_file(scene, monkeypatch):
+    """MicroCTSynth.py imported on slicer-core with the stand-ins, slicer.mrmlScene = ``scene``."""
+    install_stand_ins(lambda name, module: monkeypatch.setitem(sys.modules, name, module))
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.delitem(sys.modules, "MicroCTSynth", raising=False)
+    import MicroCTSynth
+
+    yield MicroCTSynth
+    monkeypatch.delitem(sys.modules, "MicroCTSynth", raising=False)
+
+
+def test_importing_the_module_imports_no_heavy_dependency(tmp_path):
+    """Dependencies are checked on first use, never at import: in a fresh interpreter, importing
+    MicroCTSynth.py leaves torch, scikit-image and scipy unimported."""
+    import json
+    import subprocess
+
+    script = tmp_path / "import_module.py"
+    script.write_text(
+        "import json, sys\n"
+        f"sys.path[:0] = [{str(ROOT / 'Testing')!r}, {str(ROOT / 'MicroCTSynth')!r}]\n"
+        "import slicer\n"
+        "from test_slicer_scenario import install_stand_ins\n"
+        "install_stand_ins(sys.modules.__setitem__)\n"
+        "slicer.mrmlScene = slicer.vtkMRMLScene()\n"
+        "import MicroCTSynth\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'skimage', 'scipy', 'monai') if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_module_logic_is_the_scene_logic_on_slicer_mrml_scene(module_file, scene):
+    import numpy as np
+
+    from MicroCTSynthLib import mrml
+    from MicroCTSynthLib.volume import Volume
+
+    module = module_file
+    logic = module.MicroCTSynthLogic()
+    assert logic.moduleName == "MicroCTSynth" and logic.scene is scene
+    assert logic.python == sys.executable  # no PythonSlicer outside the application
+    assert module.MicroCTSynthLogic.missingPackages() == []  # this environment has them all
+    assert set(module.REQUIRED_PACKAGES) >= {"torch", "SimpleITK", "scikit-image"}
+    fields = module.MicroCTSynthParameterNode.__annotations__
+    assert "ctVolume" in fields and "comparisonTable" in fields
+    # A step through the Slicer-based class.
+    array = np.zeros((12, 12, 12), np.float32)
+    array[:, :, 4:8], array[:, :, 8:] = 1.0, 2.0
+    microct = mrml.node_from_volume(Volume(array, (0.1, 0.1, 0.1)), "micro-CT", scene)
+    assert mrml.segment_names(logic.tissueMap(microct)) == ["Air", "Soft tissue", "Bone"]
