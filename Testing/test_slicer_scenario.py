@@ -241,3 +241,115 @@ def test_module_logic_is_the_scene_logic_on_slicer_mrml_scene(module_file, scene
     array[:, :, 4:8], array[:, :, 8:] = 1.0, 2.0
     microct = mrml.node_from_volume(Volume(array, (0.1, 0.1, 0.1)), "micro-CT", scene)
     assert mrml.segment_names(logic.tissueMap(microct)) == ["Air", "Soft tissue", "Bone"]
+
+
+class _Widget:
+    """A stand-in Qt widget: the attributes and calls the module's widget uses."""
+
+    def __init__(self, text=""):
+        self.text, self.enabled, self.visible, self.toolTip = text, False, True, ""
+        self.range, self.value = (0, 100), 0
+
+    def show(self):
+        self.visible = True
+
+    def hide(self):
+        self.visible = False
+
+    def setRange(self, low, high):
+        self.range = (low, high)
+
+    def setValue(self, value):
+        self.value = value
+
+
+class _Timer:
+    def __init__(self):
+        self.active = False
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+
+def _panel(module, logic, monkeypatch):
+    """The module's widget without Qt: stand-in widgets, a parameter node with nothing chosen."""
+    import contextlib
+    import types
+
+    errors = []
+
+    @contextlib.contextmanager
+    def try_with_error_display(message, waitCursor=False):
+        try:
+            yield
+        except Exception as exc:  # shown as a pop-up in Slicer
+            errors.append(f"{message} {exc}")
+
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", try_with_error_display, raising=False)
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: errors.append(text), raising=False)
+    widget = module.MicroCTSynthWidget.__new__(module.MicroCTSynthWidget)
+    names = ["placeRoiButton", "registerButton", "tissueMapButton", "addCaseButton", "compareButton", "trainButton",
+             "resumeButton", "synthesizeButton", "atlasButton", "progressBar", "statusLabel"]
+    widget.ui = types.SimpleNamespace(**{n: _Widget(n.removesuffix("Button").capitalize()) for n in names})
+    fields = {k: None for k in module.MicroCTSynthParameterNode.__annotations__}
+    fields.update(group="A", caseName="case1", datasetDir=Path("."), modelPath=Path("."), synthesizeOnMicroCTGrid=False)
+    widget._parameterNode = types.SimpleNamespace(**fields)
+    widget.logic, widget._timer = logic, _Timer()
+    widget._job = widget._jobButton = widget._jobDone = None
+    widget._jobButtonText = ""
+    return widget, errors
+
+
+def test_panel_runs_a_job_swaps_apply_and_cancel_and_shows_progress(module_file, scene, tmp_path, monkeypatch):
+    from MicroCTSynthLib.process import Job
+
+    widget, errors = _panel(module_file, module_file.MicroCTSynthLogic(), monkeypatch)
+    widget._checkCanApply()
+    assert not widget.ui.trainButton.enabled and not widget.ui.registerButton.enabled  # nothing chosen yet
+
+    child = tmp_path / "child.py"
+    child.write_text("import json, time\n"
+                     "for i in range(1, 4):\n"
+                     "    print(json.dumps({'event': 'progress', 'task': 'train', 'step': i, 'total': 3, 'seconds_left': 3 - i}), flush=True)\n"
+                     "    time.sleep(0.05)\n"
+                     "print(json.dumps({'event': 'result', 'outputs': {'best': 'run/best.pt'}}), flush=True)\n")
+    shown = []
+    start = lambda: (Job([sys.executable, str(child)], on_result=lambda j: j.outputs["best"]).start(), shown.append)
+    button = widget.ui.trainButton
+    widget._startOrCancel(button, start)
+    assert button.text == "Cancel" and button.enabled and widget._timer.active and widget.ui.progressBar.visible
+    assert not widget.ui.synthesizeButton.enabled  # one job at a time
+    while widget._timer.active:
+        widget._onTimer()
+    assert shown == ["run/best.pt"] and errors == []
+    assert button.text == "Train" and not widget.ui.progressBar.visible and widget._job is None
+    assert widget.ui.progressBar.range == (0, 3) and widget.ui.progressBar.value == 3
+    assert widget.ui.statusLabel.text.startswith("Done in")
+
+
+def test_panel_cancel_and_failure(module_file, scene, tmp_path, monkeypatch):
+    from MicroCTSynthLib.process import Job
+
+    widget, errors = _panel(module_file, module_file.MicroCTSynthLogic(), monkeypatch)
+    button = widget.ui.synthesizeButton
+    shown = []
+    widget._startOrCancel(button, lambda: (Job([sys.executable, "-c", "import time; time.sleep(60)"]).start(), shown.append))
+    assert button.text == "Cancel"
+    widget._startOrCancel(widget.ui.trainButton, lambda: pytest.fail("a second job must not start"))
+    widget._startOrCancel(button, None)  # the Cancel click
+    while widget._timer.active:
+        widget._onTimer()
+    assert button.text == "Synthesize" and shown == [] and errors == []
+    assert widget.ui.statusLabel.text == "Cancelled; the scene is as it was."
+
+    failing = "import json, sys; print(json.dumps({'event': 'error', 'message': 'The CT is empty.'})); sys.exit(2)"
+    widget._startOrCancel(button, lambda: (Job([sys.executable, "-c", failing]).start(), shown.append))
+    while widget._timer.active:
+        widget._onTimer()
+    assert errors == ["The CT is empty."] and widget.ui.statusLabel.text == "The CT is empty." and shown == []
+
+    widget._startOrCancel(button, lambda: module_file.MicroCTSynthLogic().synthesize(None, "missing.pt"))
+    assert errors[-1] == "The job could not start. Select the CT volume first." and widget._job is None
