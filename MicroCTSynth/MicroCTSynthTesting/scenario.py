@@ -63,12 +63,9 @@ def run_scenario(logic, work_dir, log=print, epochs: int = 1) -> dict:
 
     Raises ``AssertionError`` with a sentence at the first check that fails.
     """
-    import torch
-
     from MicroCTSynthLib import mrml
     from MicroCTSynthLib.dataset import Dataset
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     work_dir = Path(work_dir)
     dataset_dir = work_dir / "dataset"
     figures: dict = {}
