@@ -286,7 +286,8 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         canRun = {
             self.ui.trainButton: hasDataset and bool(p.group.strip()),
             self.ui.resumeButton: hasDataset and bool(p.group.strip()),
-            self.ui.synthesizeButton: bool(ct and model and model.is_file() and (micro if p.synthesizeOnMicroCTGrid else True)),
+            # A whole CT at micro-CT resolution fits nowhere: a region or the micro-CT grid is needed.
+            self.ui.synthesizeButton: bool(ct and model and model.is_file() and (micro if p.synthesizeOnMicroCTGrid else p.roi)),
             self.ui.atlasButton: bool(ct) and hasDataset and bool(p.group.strip()),
         }
         for button, ready in canRun.items():
