@@ -12,7 +12,8 @@ network, patch size, overlap 0.5 and Gaussian blending run through
 
 interleaved repeat by repeat, and prints the medians of output voxels per second, the peak
 memory one call adds (CPU: peak resident set above the baseline, each in a fresh process;
-CUDA: peak allocated) and the ratio ours / MONAI.
+CUDA: peak allocated) and the ratio ours / MONAI, of wall-clock throughput and of process CPU
+time (the steadier of the two when other jobs share the cores).
 
 Then the patch-border seams: a phantom CT is synthesized by a briefly trained ``quick``
 generator with the thesis' tiling (overlap 0) and with overlapping patches (overlap 0.5,
@@ -163,17 +164,19 @@ def bench_preset(name: str, size: int, device: torch.device, repeats: int, threa
     preset, methods = preset_methods(name, size, device)
     patch = int(preset["patch_size"])
     times = {k: [] for k in methods}
+    cpu_times = {k: [] for k in methods}  # process CPU time: steadier than wall time on a shared machine
     outputs = {}
     methods["ours"]()  # warm-up: allocator, cuDNN autotuning, first-call overheads
     for _ in range(repeats):
         for key, fn in methods.items():  # interleaved: drifts of a shared machine hit both alike
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[key].append(time.perf_counter() - t0)
+            cpu_times[key].append(time.process_time() - c0)
             outputs[key] = out
             del out
     difference = float(np.abs(outputs["ours"] - outputs["monai"][0].numpy()).max())
@@ -191,8 +194,10 @@ def bench_preset(name: str, size: int, device: torch.device, repeats: int, threa
         else:
             peak = measure_memory_in_child(name, key, size, device, threads)
         row[key] = {"seconds": median, "voxels_per_second": voxels / median, "peak_memory_mb": peak,
-                    "all_seconds": times[key]}
+                    "all_seconds": times[key], "cpu_seconds": statistics.median(cpu_times[key]),
+                    "all_cpu_seconds": cpu_times[key]}
     row["ratio_ours_over_monai"] = row["ours"]["voxels_per_second"] / row["monai"]["voxels_per_second"]
+    row["cpu_time_ratio_ours_over_monai"] = row["monai"]["cpu_seconds"] / row["ours"]["cpu_seconds"]
     row["ratio_pipeline_over_monai"] = row["ours_pipeline"]["voxels_per_second"] / row["monai"]["voxels_per_second"]
     return row
 
@@ -337,14 +342,14 @@ def main(argv=None) -> int:
     print(f"Synthesis throughput on {report.get('gpu', 'CPU')} ({device}, {args.threads} CPU threads), "
           f"overlap 0.5, Gaussian blending, median of {args.repeats} interleaved repeats")
     print(f"{'preset':7} {'patch':>5} {'size':>5} {'win':>5} | {'ours vox/s':>11} {'MB':>7} | {'MONAI vox/s':>11} {'MB':>7} | "
-          f"{'ours/MONAI':>10} | {'pipeline vox/s':>14} {'MB':>7} | {'max|diff|':>9}")
+          f"{'ours/MONAI':>10} {'(CPU time)':>10} | {'pipeline vox/s':>14} {'MB':>7} | {'max|diff|':>9}")
     for name in names:
         row = bench_preset(name, args.size or sizes[name], device, args.repeats, args.threads)
         report["presets"].append(row)
         o, m, p = row["ours"], row["monai"], row["ours_pipeline"]
         print(f"{name:7} {row['patch_size']:>5} {row['size']:>5} {row['windows']:>5} | {o['voxels_per_second']:>11.4g} "
               f"{o['peak_memory_mb']:>7.1f} | {m['voxels_per_second']:>11.4g} {m['peak_memory_mb']:>7.1f} | "
-              f"{row['ratio_ours_over_monai']:>10.3f} | {p['voxels_per_second']:>14.4g} {p['peak_memory_mb']:>7.1f} | "
+              f"{row['ratio_ours_over_monai']:>10.3f} {row['cpu_time_ratio_ours_over_monai']:>10.3f} | {p['voxels_per_second']:>14.4g} {p['peak_memory_mb']:>7.1f} | "
               f"{row['max_abs_difference']:>9.2g}", flush=True)
     if not args.no_seams:
         seams = bench_seams(args.seam_steps, device)
