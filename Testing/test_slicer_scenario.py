@@ -42,7 +42,9 @@ def test_self_test_scenario(scene, tmp_path):
     assert set(figures["dice"]) == {"cGAN (1 epoch)", "micro-CT tissue map"}
     # Nothing half-made was left behind by the jobs: exactly the nodes the steps promise.
     names = [scene.GetNthNode(i).GetName() for i in range(scene.GetNumberOfNodes())]
-    assert sum(n.startswith("S3_8 CT synthetic micro-CT") and "tissue" not in n for n in names) == 1
+    synthetic = [n for n in names if n.startswith("S3_8 CT synthetic micro-CT")]
+    assert sum("tissue" not in n and "uncertainty" not in n for n in synthetic) == 2  # grid and ROI runs
+    assert sum("uncertainty" in n for n in synthetic) == 1
     assert not any(n.startswith("__MicroCTSynth") for n in names)
 
 
