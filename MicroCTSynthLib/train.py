@@ -511,16 +511,19 @@ def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_dec
                     is_best = entry["val_loss"] < best_val
                     best_val = min(best_val, entry["val_loss"])
                 history.append(entry)
+                # Every TensorBoard series counts iterations, so a resumed run's purge_step cleans them all.
+                end_step = done * steps_per_epoch
                 if writer is not None:
-                    writer.add_scalar("lr", epoch_lr, done)
+                    writer.add_scalar("lr", epoch_lr, end_step)
+                    writer.add_scalar("epoch", done, end_step)
                     for k in ("val_loss", "val_L1", "val_perceptual", "val_dice"):
                         if entry.get(k) is not None:
-                            writer.add_scalar(f"validation/{k}", entry[k], done)
+                            writer.add_scalar(f"validation/{k}", entry[k], end_step)
                 if validate:
                     slices = _mid_slices(_picture(generator, snapshot_item, dev, multitask, autocast))
                     if writer is not None:
                         for name, image in slices.items():
-                            writer.add_image(f"images/{name}", image, done, dataformats="HW")
+                            writer.add_image(f"images/{name}", image, end_step, dataformats="HW")
                         writer.flush()
                     _save_snapshot(files.snapshots / f"epoch_{done:03d}.png", slices,
                                    f"epoch {done}" + (f", validation loss {entry['val_loss']:.4f}" if entry["val_loss"] is not None else ""))
