@@ -46,20 +46,26 @@ SAMPLING_FRACTION = 0.1
 BSPLINE_SAMPLING_FRACTION = 0.05
 #: Fixed seed: the same inputs give the same registration.
 SEED = 20210401
-#: Shrink factors of the rigid and affine stages, coarse to fine (at the CT's own voxel size).
+#: Shrink factors of the rigid and affine stages, coarse to fine (at the CT's own voxel size);
+#: a level is kept only where the shrunk CT still has MIN_LEVEL_VOXELS along each axis, since a
+#: coarser image of a small field of view loses the structures that fix the pose.
 LINEAR_SHRINKS = (4, 2, 1)
+MIN_LEVEL_VOXELS = 16
 #: Shrink factors of the B-spline stage.
 BSPLINE_SHRINKS = (2, 1)
 #: Spacing of the B-spline control mesh: coarse, so the warp follows the gross anatomy and not
 #: the air-cell pattern that the atlas cannot know.
 BSPLINE_GRID_MM = 5.0
+#: At most this many mesh cells per axis, whatever the field of view: bounds the parameters (and
+#: memory) on a large CT, where the mesh then stays coarser than BSPLINE_GRID_MM.
+BSPLINE_MAX_CELLS = 6
 #: Iterations per level of each stage (L-BFGS-B converges on the coarse mesh in ~20).
 LINEAR_ITERATIONS = 100
 BSPLINE_ITERATIONS = 20
 #: Orientations tried before the rigid stage, per axis (deg): covers two specimens each up to
 #: ~15 deg off on the scanner bed without relying on the optimiser to travel that far.
-SEARCH_ANGLES_DEG = (-20.0, 0.0, 20.0)
-#: Best orientations of the search refined by a coarse rigid level before one is kept.
+SEARCH_ANGLES_DEG = (-20.0, -10.0, 0.0, 10.0, 20.0)
+#: Best orientations of the search that the rigid stage starts from before one is kept.
 SEARCH_KEEP = 3
 #: Margin (mm) kept around the target grid's footprint in the target CT and around the atlas
 #: micro-CT's footprint in the atlas CT when the CTs are cropped for registration.
@@ -236,13 +242,19 @@ def _coarse_metric(fixed_small, moving_small, transform) -> float:
         return float("inf")
 
 
-def _initial_rigid(fixed: sitk.Image, moving: sitk.Image) -> sitk.Euler3DTransform:
-    """Centred moments, then the best of a coarse search over orientations, each candidate refined
-    by one coarse rigid level (the specimens' poses differ by tens of degrees)."""
+def _shrinks(image: sitk.Image, shrinks) -> tuple[int, ...]:
+    kept = tuple(s for s in shrinks if min(image.GetSize()) / s >= MIN_LEVEL_VOXELS)
+    return kept or (1,)
+
+
+def _rigid_candidates(fixed: sitk.Image, moving: sitk.Image) -> list[sitk.Euler3DTransform]:
+    """Centred moments turned through a grid of orientations; the SEARCH_KEEP best by the metric
+    on the coarsest level (the specimens' poses differ by tens of degrees, more than a local
+    optimiser travels)."""
     centred = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
     centred = sitk.Euler3DTransform(centred)
-    shrink = LINEAR_SHRINKS[0]
+    shrink = _shrinks(fixed, LINEAR_SHRINKS)[0]
     sigma = [0.5 * shrink * s for s in fixed.GetSpacing()]
     fixed_small = sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed, sigma), [shrink] * 3)
     moving_small = sitk.Shrink(sitk.SmoothingRecursiveGaussian(moving, sigma), [shrink] * 3)
@@ -250,27 +262,40 @@ def _initial_rigid(fixed: sitk.Image, moving: sitk.Image) -> sitk.Euler3DTransfo
     for angles in itertools.product(np.radians(SEARCH_ANGLES_DEG), repeat=3):
         candidate = sitk.Euler3DTransform(centred)
         candidate.SetRotation(*(float(a) for a in angles))
-        scored.append((_coarse_metric(fixed_small, moving_small, candidate), candidate))
+        value = _coarse_metric(fixed_small, moving_small, candidate)
+        if np.isfinite(value):
+            scored.append((value, candidate))
     scored.sort(key=lambda s: s[0])
+    return [c for _, c in scored[:SEARCH_KEEP]] or [centred]
+
+
+def _rigid_stage(fixed: sitk.Image, moving: sitk.Image, shrinks, step_mm: float) -> sitk.Euler3DTransform:
+    """The multi-resolution rigid stage from each candidate; the one of best mutual information on
+    every voxel of the full-resolution CTs wins (a small field of view makes the coarse metric
+    ambiguous)."""
     best = None
-    for value, candidate in scored[:SEARCH_KEEP]:
-        if not np.isfinite(value):
-            continue
+    for candidate in _rigid_candidates(fixed, moving):
         try:
-            metric = _linear_stage(candidate, fixed, moving, (shrink,), step_mm=2.0)
+            _linear_stage(candidate, fixed, moving, shrinks, step_mm=step_mm)
         except MicroCTSynthError:
             continue
-        if best is None or metric < best[0]:
-            best = (metric, candidate)
-    return best[1] if best is not None else centred
+        value = _coarse_metric(fixed, moving, candidate)
+        if best is None or value < best[0]:
+            best = (value, candidate)
+    if best is None:
+        raise MicroCTSynthError(
+            "The atlas CT and the target CT barely overlap after initialization, so mutual information "
+            "cannot be computed; check that both CTs show the same side of the same region."
+        )
+    return best[1]
 
 
 def _bspline_stage(affine: sitk.Transform, fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
     """B-spline free-form deformation on top of ``affine``: returns ``affine o bspline``."""
     extent = np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())
-    mesh = [max(1, int(round(e / BSPLINE_GRID_MM))) for e in extent]
+    mesh = [min(BSPLINE_MAX_CELLS, max(1, int(round(e / BSPLINE_GRID_MM)))) for e in extent]
     bspline = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
-    reg = _method(BSPLINE_SHRINKS, BSPLINE_SAMPLING_FRACTION)
+    reg = _method(_shrinks(fixed, BSPLINE_SHRINKS), BSPLINE_SAMPLING_FRACTION)
     reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=BSPLINE_ITERATIONS,
                              maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=2 * BSPLINE_ITERATIONS,
                              costFunctionConvergenceFactor=1e7)
@@ -297,16 +322,15 @@ def register_ct_to_ct(target_ct: Volume, atlas_ct: Volume, deformable=True, prog
             if min(volume.size) < 2 * LINEAR_SHRINKS[0]:
                 raise MicroCTSynthError(f"The {what} is too small to register ({volume.shape[::-1]} voxels); it needs at least 8 along each axis.")
         fixed, moving = _image(target_ct), _image(atlas_ct)
-        rigid = _initial_rigid(fixed, moving)
-        bar.update(1, stage="initialization")
+        shrinks = _shrinks(fixed, LINEAR_SHRINKS)
         step = 4.0 * max(target_ct.spacing)
-        _linear_stage(rigid, fixed, moving, LINEAR_SHRINKS, step_mm=step)
-        bar.update(1, stage="rigid")
+        rigid = _rigid_stage(fixed, moving, shrinks, step)
+        bar.update(2, stage="rigid")
         affine = sitk.AffineTransform(3)
         affine.SetCenter(rigid.GetCenter())
         affine.SetMatrix(rigid.GetMatrix())
         affine.SetTranslation(rigid.GetTranslation())
-        metric = _linear_stage(affine, fixed, moving, LINEAR_SHRINKS[1:], step_mm=step / 2)
+        metric = _linear_stage(affine, fixed, moving, shrinks[-2:], step_mm=step / 2)
         bar.update(1, stage="affine", metric=round(metric, 5))
         result: sitk.Transform = affine
         if deformable:
