@@ -60,11 +60,14 @@ BSPLINE_GRID_MM = 5.0
 #: memory) on a large CT, where the mesh then stays coarser than BSPLINE_GRID_MM.
 BSPLINE_MAX_CELLS = 6
 #: Iterations per level of each stage (L-BFGS-B converges on the coarse mesh in ~20).
-LINEAR_ITERATIONS = 100
+LINEAR_ITERATIONS = 60
 BSPLINE_ITERATIONS = 20
 #: Orientations tried before the rigid stage, per axis (deg): covers two specimens each up to
 #: ~15 deg off on the scanner bed without relying on the optimiser to travel that far.
 SEARCH_ANGLES_DEG = (-20.0, -10.0, 0.0, 10.0, 20.0)
+#: The search runs on the CTs shrunk as far as this many voxels per axis allow (it only has to
+#: find the right basin; the rigid stage and the full-resolution metric decide).
+SEARCH_MIN_VOXELS = 12
 #: Best orientations of the search that the rigid stage starts from before one is kept.
 SEARCH_KEEP = 3
 #: Margin (mm) kept around the target grid's footprint in the target CT and around the atlas
@@ -254,7 +257,7 @@ def _rigid_candidates(fixed: sitk.Image, moving: sitk.Image) -> list[sitk.Euler3
     centred = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
     centred = sitk.Euler3DTransform(centred)
-    shrink = _shrinks(fixed, LINEAR_SHRINKS)[0]
+    shrink = next((s for s in (4, 2) if min(fixed.GetSize()) / s >= SEARCH_MIN_VOXELS), 1)
     sigma = [0.5 * shrink * s for s in fixed.GetSpacing()]
     fixed_small = sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed, sigma), [shrink] * 3)
     moving_small = sitk.Shrink(sitk.SmoothingRecursiveGaussian(moving, sigma), [shrink] * 3)
@@ -270,13 +273,14 @@ def _rigid_candidates(fixed: sitk.Image, moving: sitk.Image) -> list[sitk.Euler3
 
 
 def _rigid_stage(fixed: sitk.Image, moving: sitk.Image, shrinks, step_mm: float) -> sitk.Euler3DTransform:
-    """The multi-resolution rigid stage from each candidate; the one of best mutual information on
-    every voxel of the full-resolution CTs wins (a small field of view makes the coarse metric
-    ambiguous)."""
+    """The rigid stage: each candidate refined on the coarse levels, the one of best mutual
+    information on every voxel of the full-resolution CTs kept (a small field of view makes the
+    coarse metric ambiguous), then refined on the finest level."""
+    coarse = shrinks[:-1] or shrinks
     best = None
     for candidate in _rigid_candidates(fixed, moving):
         try:
-            _linear_stage(candidate, fixed, moving, shrinks, step_mm=step_mm)
+            _linear_stage(candidate, fixed, moving, coarse, step_mm=step_mm)
         except MicroCTSynthError:
             continue
         value = _coarse_metric(fixed, moving, candidate)
@@ -287,7 +291,10 @@ def _rigid_stage(fixed: sitk.Image, moving: sitk.Image, shrinks, step_mm: float)
             "The atlas CT and the target CT barely overlap after initialization, so mutual information "
             "cannot be computed; check that both CTs show the same side of the same region."
         )
-    return best[1]
+    rigid = best[1]
+    if len(shrinks) > 1:
+        _linear_stage(rigid, fixed, moving, shrinks[-1:], step_mm=step_mm / shrinks[-2])
+    return rigid
 
 
 def _bspline_stage(affine: sitk.Transform, fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
