@@ -218,6 +218,13 @@ def test_phantom_atlas_from_three_specimens_with_their_true_transforms(specimens
         assert got[name] < own[name] - 0.1
 
 
+def test_a_specimen_as_its_own_atlas_gets_its_own_map_back(specimens):
+    sp = specimens["S3_11"]
+    result = atlas_segment(sp.ct, [AtlasCase("self", sp.ct, sp.labels, sp.true_transform)], sp.labels,
+                           target_transform=sp.true_transform)
+    assert all(d > 0.99 for d in dice_per_class(sp.labels.array, result.array).values())
+
+
 def test_atlas_command_writes_the_map_on_the_reference_grid(specimens, tmp_path, capsys):
     data = tmp_path / "data"
     ds = Dataset.create(data, cases=["S3_1", "S3_2"])
