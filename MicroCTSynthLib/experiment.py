@@ -33,6 +33,7 @@ import numpy as np
 from .dataset import Dataset
 from .labels import TISSUE_NAMES
 from .metrics import evaluate
+from .presets import load_preset
 from .progress import Progress, emit_json, log
 from .volume import atomic_path, read_volume, write_volume
 
@@ -91,7 +92,8 @@ def run_summary(run_dir: Path) -> dict:
 
 
 # -- one test specimen --------------------------------------------------------------------------
-def score_specimen(dataset: Dataset, group: str, specimen: str, runs: dict, out_dir: Path, device: str, progress: str) -> dict:
+def score_specimen(dataset: Dataset, group: str, specimen: str, runs: dict, out_dir: Path, device: str, progress: str,
+                   overlap: float = 0.5) -> dict:
     """Every method's tissue map of ``specimen`` and its metrics (cached in ``metrics_<method>.json``)."""
     case_dir = out_dir / "cases" / group / specimen
     reference = read_volume(dataset.path(specimen, "tissue"))
@@ -120,7 +122,7 @@ def score_specimen(dataset: Dataset, group: str, specimen: str, runs: dict, out_
 
             # The thesis synthesizes from the CT registered onto the micro-CT grid.
             ct_registered = read_volume(dataset.path(specimen, "ct_registered"))
-            result = synthesize(ct_registered, runs[method], reference=ct_registered, device=device, progress="none")
+            result = synthesize(ct_registered, runs[method], reference=ct_registered, overlap=overlap, device=device, progress="none")
             synthetic, prediction = result.microct, result.tissue
             write_volume(synthetic, case_dir / f"{method}_microct.nrrd")
             write_volume(prediction, case_dir / f"{method}_tissue.nrrd")
@@ -235,7 +237,10 @@ def plot_validation_curves(runs: dict, path: Path) -> Path:
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation loss")
     ax.set_title("Validation loss (circles: best epoch)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no validation cases", ha="center", va="center", transform=ax.transAxes)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -373,7 +378,8 @@ def run_experiment(data_dir, out_dir, preset: str = "quick", groups=("A", "B", "
                 bar.update(group=g, stage=f"train {m}")
             scores[g] = {}
             for s in dataset.group(g)["test"]:
-                scores[g][s] = score_specimen(dataset, g, s, checkpoints, out_dir, device, progress)
+                scores[g][s] = score_specimen(dataset, g, s, checkpoints, out_dir, device, progress,
+                                              overlap=float(load_preset(preset)["synthesis_overlap"]))
             bar.update(group=g, stage="evaluate")
 
     rows = result_rows(scores)
