@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from . import __version__
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     _progress(p)
 
     p = add("synthesize")
+    # LPS coordinates are often negative: let "-12.3,4,5" be a value of --roi, not an option.
+    p._negative_number_matcher = re.compile(r"^-\d[\d.,eE+-]*$|^-\.\d[\d.,eE+-]*$")
     p.add_argument("--model", required=True, help="checkpoint of a trained model (RUN/best.pt)")
     p.add_argument("--ct", required=True, help="the CT (any orientation and spacing)")
     p.add_argument("--out-microct", required=True, help="synthetic micro-CT to write")

@@ -57,3 +57,11 @@ def test_unknown_preset_is_a_sentence():
         load_preset("huge")
     assert load_preset("tiny")["lr"] == load_preset("paper")["lr"]
     assert build_parser().parse_args(["phantom", "--out", "x"]).preset == "quick"
+
+
+def test_negative_roi_centre_is_a_value():
+    args = build_parser().parse_args(
+        ["synthesize", "--model", "m.pt", "--ct", "ct.nrrd", "--out-microct", "s.nrrd", "--out-tissue", "t.nrrd",
+         "--roi", "-12.3,4,-5", "6"]
+    )
+    assert args.roi == ["-12.3,4,-5", "6"]
