@@ -35,7 +35,7 @@ from .labels import TISSUE_NAMES
 from .metrics import evaluate
 from .presets import load_preset
 from .progress import Progress, emit_json, log
-from .volume import atomic_path, read_volume, write_volume
+from .volume import atomic_path, json_safe, read_volume, write_json, write_volume
 
 CLASSES = tuple(TISSUE_NAMES.values())
 METHODS = ("atlas", "naive", "single", "multi")
@@ -51,19 +51,6 @@ THESIS_MEDIAN_DICE = {
 RUN_COMPLETE = "complete.json"
 
 
-def _write_json(path: Path, data) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_finite(data), indent=2) + "\n")
-
-
-def _finite(obj):
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
 
 
 # -- training -------------------------------------------------------------------------------
@@ -77,7 +64,7 @@ def train_or_reuse(data_dir, run_dir: Path, group: str, model: str, preset: str,
     resume = "last" if (run_dir / "last.pt").exists() else None
     start = time.monotonic()
     best = Path(train(data_dir, group=group, model=model, preset=preset, out=run_dir, device=device, resume=resume, progress=progress))
-    _write_json(run_dir / RUN_COMPLETE, {"seconds": round(time.monotonic() - start, 1), "best": best.name})
+    write_json(run_dir / RUN_COMPLETE, {"seconds": round(time.monotonic() - start, 1), "best": best.name})
     return best
 
 
@@ -127,8 +114,8 @@ def score_specimen(dataset: Dataset, group: str, specimen: str, runs: dict, out_
             write_volume(synthetic, case_dir / f"{method}_microct.nrrd")
             write_volume(prediction, case_dir / f"{method}_tissue.nrrd")
         metrics = evaluate(reference, prediction, microct if synthetic is not None else None, synthetic)
-        _write_json(cached, metrics)
-        results[method] = _finite(metrics)
+        write_json(cached, metrics)
+        results[method] = json_safe(metrics)
         log(f"{group} {specimen} {method}: Dice " + " / ".join(f"{metrics['dice'][c]:.3f}" for c in CLASSES), progress)
     return results
 
@@ -386,7 +373,7 @@ def run_experiment(data_dir, out_dir, preset: str = "quick", groups=("A", "B", "
     write_csv(rows, out_dir / "results.csv")
     summary = summarize(rows)
     summary["runs"] = runs
-    _write_json(out_dir / "summary.json", summary)
+    write_json(out_dir / "summary.json", summary)
     figures_dir = out_dir / "figures"
     figures = {"Dice per class (Fig. 7)": plot_dice_boxes(rows, figures_dir / "dice_boxplot.png"),
                "Validation loss (Fig. 6)": plot_validation_curves(runs, figures_dir / "validation_loss.png")}

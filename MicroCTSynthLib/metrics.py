@@ -7,7 +7,6 @@ voxels where the reference is 0 (outside its field of view).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import numpy as np
@@ -15,7 +14,7 @@ from scipy import ndimage
 
 from .errors import MicroCTSynthError
 from .labels import TISSUE_NAMES
-from .volume import Volume, atomic_path, read_volume
+from .volume import Volume, read_volume, write_json
 
 
 def _within_reference(reference: np.ndarray, prediction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,12 +121,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _finite_or_none(obj):
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    return obj if not isinstance(obj, float) or math.isfinite(obj) else None
-
-
 def command_evaluate(args: argparse.Namespace) -> int:
     reference = read_volume(args.reference, what=f"The reference '{args.reference}'")
     prediction = read_volume(args.prediction, what=f"The prediction '{args.prediction}'")
@@ -136,6 +129,5 @@ def command_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(reference, prediction, microct, synthetic)
     print(format_table(result))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(_finite_or_none(result), indent=2) + "\n")
+        write_json(args.json, result)
     return 0

@@ -12,8 +12,6 @@ A case whose outputs exist is skipped unless ``--force``.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import time
 
 import numpy as np
@@ -24,7 +22,7 @@ from .metrics import dice_per_class
 from .progress import Progress, log
 from .registration import read_transform, register, resample, target_registration_error, write_transform
 from .tissue import field_of_view, tissue_map
-from .volume import atomic_path, read_volume, write_volume
+from .volume import read_volume, write_json, write_volume
 
 OUTPUT_ROLES = ("transform", "ct_registered", "tissue", "naive_tissue")
 REPORT_FILE = "prepare.json"
@@ -99,17 +97,8 @@ def prepare(data_dir, cases=None, affine: bool = False, force: bool = False, pro
             summary = f"{case}: " + (f"TRE {report['tre_mean_mm']:.3f} mm" if "tre_mean_mm" in report else "registered")
             bar.log(summary + (" (already prepared)" if report.get("skipped") else ""))
             bar.update(case=case, **{k: v for k, v in report.items() if isinstance(v, (int, float))})
-    with atomic_path(dataset.root / REPORT_FILE) as tmp:
-        tmp.write_text(json.dumps(_nan_to_none(reports), indent=2) + "\n")
+    write_json(dataset.root / REPORT_FILE, reports)
     return reports
-
-
-def _nan_to_none(obj):
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def command_prepare(args: argparse.Namespace) -> int:

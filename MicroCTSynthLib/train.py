@@ -23,7 +23,6 @@ its own patches; rank 0 validates and writes every file.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -43,7 +42,7 @@ from .losses import GANLoss, discriminator_loss, generator_loss, validation_loss
 from .networks import Discriminator, Generator
 from .presets import load_preset
 from .progress import Progress, emit_json, log
-from .volume import atomic_path
+from .volume import atomic_path, write_json
 
 __all__ = ["train", "command_train", "training_step", "lr_lambda", "make_scheduler", "resolve_device",
            "loss_weights", "build_networks", "fingerprint", "RunFiles"]
@@ -236,20 +235,6 @@ def _save_curve(path: Path, history: list[dict], model: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
-
-
-def _write_json(path: Path, data) -> None:
-    def clean(obj):
-        if isinstance(obj, dict):
-            return {k: clean(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [clean(v) for v in obj]
-        if isinstance(obj, float) and not math.isfinite(obj):
-            return None
-        return obj
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(clean(data), indent=2) + "\n")
 
 
 # -- one iteration -----------------------------------------------------------------------------------
@@ -528,7 +513,7 @@ def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_dec
                     _save_snapshot(files.snapshots / f"epoch_{done:03d}.png", slices,
                                    f"epoch {done}" + (f", validation loss {entry['val_loss']:.4f}" if entry["val_loss"] is not None else ""))
                     _save_curve(files.curve, history, model)
-                _write_json(files.history, history)
+                write_json(files.history, history)
                 bar.update(0, epoch=done, lr=epoch_lr, seconds_per_iteration=entry["seconds_per_iteration"],
                            **{k: entry[k] for k in ("val_loss", "val_L1", "val_perceptual", "val_dice") if entry.get(k) is not None})
                 if entry["val_loss"] is not None:

@@ -14,6 +14,8 @@ failed run never leaves a half-written file.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -270,6 +272,27 @@ class AtomicWrite:
         else:
             self.tmp.unlink(missing_ok=True)
         return False
+
+
+def json_safe(obj):
+    """``obj`` with NaN / infinite floats (numpy scalars too) replaced by ``None``, as JSON has no such numbers."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_json(path, data) -> Path:
+    """Write ``data`` as indented JSON, atomically, non-finite numbers as ``null``."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n")
+    return path
 
 
 def write_image(image: sitk.Image, path, compress: bool = True) -> Path:

@@ -34,3 +34,17 @@ def trabecular_path() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def scene():
+    """A fresh MRML scene (Qt-free slicer-core) with the module logics the MRML bridge relies on."""
+    slicer = pytest.importorskip("slicer")
+    scene = slicer.vtkMRMLScene()
+    logics = []  # kept alive for the test's duration
+    for cls in (slicer.vtkSlicerSegmentationsModuleLogic, slicer.vtkSlicerTransformLogic, slicer.vtkSlicerTablesLogic):
+        logic = cls()
+        logic.SetMRMLScene(scene)
+        logics.append(logic)
+    yield scene
+    scene.Clear(1)

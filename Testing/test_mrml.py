@@ -20,19 +20,6 @@ from MicroCTSynthLib.volume import Volume, read_volume, write_volume  # noqa: E4
 pytestmark = pytest.mark.slicer
 
 
-@pytest.fixture
-def scene():
-    """A fresh MRML scene with the module logics the bridge relies on."""
-    scene = slicer.vtkMRMLScene()
-    logics = []
-    for cls in (slicer.vtkSlicerSegmentationsModuleLogic, slicer.vtkSlicerTransformLogic, slicer.vtkSlicerTablesLogic):
-        logic = cls()
-        logic.SetMRMLScene(scene)
-        logics.append(logic)
-    yield scene
-    scene.Clear(1)
-
-
 def oblique_volume(rng, dtype=np.int16) -> Volume:
     """Anisotropic spacing and a direction with no zero entry: any axis mix-up shows."""
     rotation = sitk.VersorTransform((0.3, -0.5, 0.8), 0.7).GetMatrix()

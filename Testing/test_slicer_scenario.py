@@ -19,18 +19,6 @@ from MicroCTSynthTesting.scenario import run_scenario  # noqa: E402
 pytestmark = [pytest.mark.slicer, pytest.mark.slow]
 
 
-@pytest.fixture
-def scene():
-    scene = slicer.vtkMRMLScene()
-    logics = []
-    for cls in (slicer.vtkSlicerSegmentationsModuleLogic, slicer.vtkSlicerTransformLogic, slicer.vtkSlicerTablesLogic):
-        logic = cls()
-        logic.SetMRMLScene(scene)
-        logics.append(logic)
-    yield scene
-    scene.Clear(1)
-
-
 def test_self_test_scenario(scene, tmp_path):
     pytest.importorskip("torch")
     for module in ("train", "synthesize", "phantom", "registration"):
