@@ -19,10 +19,12 @@ from .errors import MicroCTSynthError
 from .labels import TISSUE_LABELS
 
 __all__ = ["GANLoss", "tissue_class_weights", "weighted_l1", "perceptual_loss", "dice_loss",
-           "generator_loss", "discriminator_loss", "validation_loss", "PAIRINGS"]
+           "generator_loss", "discriminator_loss", "validation_loss", "loss_options", "PAIRINGS", "DICE_ABSENT"]
 
 #: Which images the perceptual loss (Eq. 3) shows the discriminator, see :func:`perceptual_loss`.
 PAIRINGS = ("thesis", "pix2pixhd")
+#: How the Dice loss treats a class absent from a patch's target, see :func:`dice_loss`.
+DICE_ABSENT = ("count", "skip")
 
 
 class GANLoss(nn.Module):
@@ -143,7 +145,7 @@ def _feature_l1(fake_features, real_features) -> torch.Tensor:
     return sum(F.l1_loss(f.float(), r.detach().float()) for f, r in zip(fake_features, real_features))
 
 
-def dice_loss(logits: torch.Tensor, tissue: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def dice_loss(logits: torch.Tensor, tissue: torch.Tensor, eps: float = 1e-5, absent: str = "count") -> torch.Tensor:
     """The soft multi-class Dice loss of Eq. 4 on the softmax of the tissue head.
 
     p = softmax(logits) over the classes, t the one-hot of (label - 1); voxels with label 0 are left
@@ -152,10 +154,17 @@ def dice_loss(logits: torch.Tensor, tissue: torch.Tensor, eps: float = 1e-5) -> 
     The same eps smooths numerator and denominator, so a class absent from the target and from
     the prediction scores D = 1; absent from the target but predicted, D is close to 0.
 
-    Equals MONAI's ``DiceLoss(softmax=True, to_onehot_y=True, include_background=True,
-    smooth_nr=eps, smooth_dr=eps, batch=False, reduction="mean")`` on the target label - 1
-    (with ``ignore_index=-1`` for label-0 voxels).
+    ``absent="count"`` (the thesis' Eq. 4 as written) equals MONAI's ``DiceLoss(softmax=True,
+    to_onehot_y=True, include_background=True, smooth_nr=eps, smooth_dr=eps, batch=False,
+    reduction="mean")`` on the target label - 1 (with ``ignore_index=-1`` for label-0 voxels).
+    ``absent="skip"`` averages only over the classes present in each patch's target. On small
+    patches many lack a class (half of the quick preset's 24³ patches hold no soft tissue), and
+    "count" then scores any prediction of that class in them as a Dice of 0, which teaches the
+    tissue head to avoid the rarer classes everywhere; "skip" still penalises such a prediction
+    through the Dice of the classes it takes voxels from. A patch with no counted voxel gives 0.
     """
+    if absent not in DICE_ABSENT:
+        raise MicroCTSynthError(f"The Dice loss' absent classes are 'count' or 'skip', not {absent!r}.")
     if logits.dim() != 5:
         raise MicroCTSynthError(f"The tissue logits must be (N, classes, D, H, W), not {tuple(logits.shape)}.")
     n_classes = logits.shape[1]
@@ -166,7 +175,27 @@ def dice_loss(logits: torch.Tensor, tissue: torch.Tensor, eps: float = 1e-5) -> 
     t = F.one_hot((tissue[:, 0] - 1).clamp(min=0), n_classes).movedim(-1, 1).float() * inside
     axes = tuple(range(2, logits.dim()))
     dice = (2 * (p * t).sum(axes) + eps) / (p.sum(axes) + t.sum(axes) + eps)
-    return 1 - dice.mean()
+    if absent == "count":
+        return 1 - dice.mean()
+    present = (t.sum(axes) > 0).float()
+    # No class present anywhere (all label 0): 1 - 1, keeping the graph.
+    return 1 - ((dice * present).sum() + (present.sum() == 0).float()) / present.sum().clamp(min=1)
+
+
+def loss_options(preset: dict) -> dict:
+    """The keyword options of :func:`generator_loss` and :func:`validation_loss` a preset sets:
+    ``perceptual_pairing`` (default "thesis"), ``dice_epsilon`` (1e-5) and ``dice_absent_classes``
+    ("count", the thesis' Eq. 4)."""
+    options = {"pairing": str(preset.get("perceptual_pairing", "thesis")),
+               "dice_eps": float(preset.get("dice_epsilon", 1e-5)),
+               "dice_absent": str(preset.get("dice_absent_classes", "count"))}
+    if options["pairing"] not in PAIRINGS:
+        raise MicroCTSynthError(f"The preset's perceptual_pairing must be one of {', '.join(PAIRINGS)}, not {options['pairing']!r}.")
+    if options["dice_absent"] not in DICE_ABSENT:
+        raise MicroCTSynthError(f"The preset's dice_absent_classes must be 'count' or 'skip', not {options['dice_absent']!r}.")
+    if not options["dice_eps"] > 0:
+        raise MicroCTSynthError(f"The preset's dice_epsilon must be positive, not {options['dice_eps']}.")
+    return options
 
 
 def _weight(weights: dict, key: str) -> float:
@@ -178,7 +207,8 @@ def _weight(weights: dict, key: str) -> float:
 
 def generator_loss(discriminator: nn.Module, real_A: torch.Tensor, fake_B: torch.Tensor, real_B: torch.Tensor,
                    tissue: torch.Tensor, logits: torch.Tensor | None = None, *, gan_loss: GANLoss, weights: dict,
-                   pairing: str = "thesis", dice_eps: float = 1e-5) -> tuple[torch.Tensor, dict[str, float]]:
+                   pairing: str = "thesis", dice_eps: float = 1e-5,
+                   dice_absent: str = "count") -> tuple[torch.Tensor, dict[str, float]]:
     """The generator's objective: Eq. 5 (single-task) or, when ``logits`` is given, Eq. 6 (multitask).
 
     Eq. 5: L_G = L_GAN + lambda_L1 L_L1 + lambda_perceptual L_perceptual (thesis: 5 and 10).
@@ -186,7 +216,8 @@ def generator_loss(discriminator: nn.Module, real_A: torch.Tensor, fake_B: torch
     (thesis: 5, 5 and 10). L_GAN is Eq. 1 on D(cat(real_A, fake_B)) with the target "real".
     ``weights`` holds "L1", "perceptual" and (multitask) "dice". Returns the total and each
     unweighted term as floats: G_GAN, G_L1, G_perceptual (and G_dice). ``pairing`` is that of
-    :func:`perceptual_loss`; ``dice_eps`` the eps of :func:`dice_loss` (the preset's dice_epsilon).
+    :func:`perceptual_loss`; ``dice_eps`` and ``dice_absent`` the ``eps`` and ``absent`` of
+    :func:`dice_loss` (see :func:`loss_options` for the preset's keys).
     """
     fake_AB = torch.cat([real_A, fake_B], 1)
     if pairing == "pix2pixhd":
@@ -201,7 +232,7 @@ def generator_loss(discriminator: nn.Module, real_A: torch.Tensor, fake_B: torch
     terms = {"G_GAN": gan_loss(prediction, True), "G_L1": weighted_l1(fake_B, real_B, tissue), "G_perceptual": perceptual}
     total = terms["G_GAN"] + _weight(weights, "L1") * terms["G_L1"] + _weight(weights, "perceptual") * perceptual
     if logits is not None:
-        terms["G_dice"] = dice_loss(logits, tissue, eps=dice_eps)
+        terms["G_dice"] = dice_loss(logits, tissue, eps=dice_eps, absent=dice_absent)
         total = total + _weight(weights, "dice") * terms["G_dice"]
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
@@ -222,7 +253,8 @@ def discriminator_loss(discriminator: nn.Module, real_A: torch.Tensor, fake_B: t
 @torch.no_grad()
 def validation_loss(discriminator: nn.Module, real_A: torch.Tensor, fake_B: torch.Tensor, real_B: torch.Tensor,
                     tissue: torch.Tensor, logits: torch.Tensor | None = None, *, weights: dict | None = None,
-                    pairing: str = "thesis", dice_eps: float = 1e-5) -> tuple[torch.Tensor, dict[str, float]]:
+                    pairing: str = "thesis", dice_eps: float = 1e-5,
+                    dice_absent: str = "count") -> tuple[torch.Tensor, dict[str, float]]:
     """The thesis' validation loss, which picks ``best.pt`` (Table 2).
 
     Single-task (``logits`` None): weighted L1 (Eq. 2) + perceptual (Eq. 3).
@@ -239,6 +271,6 @@ def validation_loss(discriminator: nn.Module, real_A: torch.Tensor, fake_B: torc
         terms["val_perceptual"] = perceptual_loss(discriminator, fake_B, real_B, real_A, pairing=pairing)
         total = lam("L1") * terms["val_L1"] + lam("perceptual") * terms["val_perceptual"]
     else:
-        terms["val_dice"] = dice_loss(logits, tissue, eps=dice_eps)
+        terms["val_dice"] = dice_loss(logits, tissue, eps=dice_eps, absent=dice_absent)
         total = lam("L1") * terms["val_L1"] + lam("dice") * terms["val_dice"]
     return total, {k: float(v) for k, v in terms.items()}

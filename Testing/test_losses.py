@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from MicroCTSynthLib.errors import MicroCTSynthError
-from MicroCTSynthLib.losses import (GANLoss, dice_loss, discriminator_loss, generator_loss, perceptual_loss,
+from MicroCTSynthLib.losses import (GANLoss, dice_loss, discriminator_loss, generator_loss, loss_options, perceptual_loss,
                                     tissue_class_weights, validation_loss, weighted_l1)
 from MicroCTSynthLib.networks import Discriminator, Generator
 
@@ -188,6 +188,48 @@ def test_dice_loss_equals_monai(seed):
     ignoring = monai_losses.DiceLoss(softmax=True, to_onehot_y=True, include_background=True,
                                      smooth_nr=EPS, smooth_dr=EPS, batch=False, reduction="mean", ignore_index=-1)
     assert dice_loss(logits, tissue, eps=EPS).item() == pytest.approx(ignoring(logits, tissue - 1).item(), abs=1e-6)
+
+
+def test_dice_loss_skip_averages_only_the_classes_present():
+    # the by-hand case above, soft tissue absent from the target: "skip" leaves its near-zero Dice out
+    logits = torch.tensor([[0.0, math.log(2.0), 5.0], [0.0, 0.0, -3.0], [0.0, 0.0, 1.0]]).reshape(1, 3, 1, 1, 3)
+    tissue = torch.tensor([1, 3, 0]).reshape(1, 1, 1, 1, 3)
+    d_air = (2 * (1 / 3) + EPS) / ((1 / 3 + 1 / 2) + 1 + EPS)
+    d_bone = (2 * (1 / 4) + EPS) / ((1 / 3 + 1 / 4) + 1 + EPS)
+    assert dice_loss(logits, tissue, eps=EPS, absent="skip").item() == pytest.approx(1 - (d_air + d_bone) / 2, rel=1e-6)
+    assert dice_loss(logits, tissue, eps=EPS, absent="skip").item() < dice_loss(logits, tissue, eps=EPS).item()
+
+
+def test_dice_loss_skip_counts_each_patch_own_classes_and_keeps_a_gradient():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 4, 4, 4, generator=g, requires_grad=True)
+    tissue = torch.ones(2, 1, 4, 4, 4, dtype=torch.long)
+    tissue[1, :, :2] = 3                      # patch 0: air only; patch 1: air and bone
+    p = torch.softmax(logits, 1)
+    t = nn.functional.one_hot(tissue[:, 0] - 1, 3).movedim(-1, 1).float()
+    d = (2 * (p * t).sum((2, 3, 4)) + EPS) / (p.sum((2, 3, 4)) + t.sum((2, 3, 4)) + EPS)
+    expected = 1 - (d[0, 0] + d[1, 0] + d[1, 2]) / 3
+    loss = dice_loss(logits, tissue, eps=EPS, absent="skip")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert logits.grad.abs().sum() > 0
+    # nothing inside the field of view: 0, still differentiable
+    empty = dice_loss(logits, torch.zeros_like(tissue), absent="skip")
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_loss_options_from_the_preset_and_their_errors():
+    assert loss_options({}) == {"pairing": "thesis", "dice_eps": 1e-5, "dice_absent": "count"}
+    assert loss_options({"dice_absent_classes": "skip", "dice_epsilon": 0.5, "perceptual_pairing": "pix2pixhd"}) == \
+        {"pairing": "pix2pixhd", "dice_eps": 0.5, "dice_absent": "skip"}
+    with pytest.raises(MicroCTSynthError, match="dice_absent_classes must be 'count' or 'skip'"):
+        loss_options({"dice_absent_classes": "ignore"})
+    with pytest.raises(MicroCTSynthError, match="perceptual_pairing"):
+        loss_options({"perceptual_pairing": "vgg"})
+    with pytest.raises(MicroCTSynthError, match="dice_epsilon must be positive"):
+        loss_options({"dice_epsilon": 0})
+    with pytest.raises(MicroCTSynthError, match="'count' or 'skip'"):
+        dice_loss(torch.zeros(1, 3, 2, 2, 2), torch.ones(1, 1, 2, 2, 2, dtype=torch.long), absent="drop")
 
 
 def test_dice_loss_checks_labels_against_classes():
