@@ -68,6 +68,13 @@ class Generator(nn.Module):
     Multitask (the thesis' Fig. 4): the same trunk feeds a second 7³ head that outputs
     ``n_classes`` tissue logits (air, soft tissue, bone = class 0, 1, 2 = label - 1).
 
+    ``input_skip`` (beyond the thesis): the heads also see the input CT itself, concatenated to the
+    trunk's features. Every convolution of the trunk is followed by instance norm, which takes
+    away each patch's mean and scale, so the trunk alone is blind to the CT's absolute intensity
+    (its Hounsfield units): a patch wholly in middle-ear air and one wholly in bone give it the
+    same features. On patches large against the anatomy (the thesis' 96³) the context makes up
+    for it; on small ones (1.8 mm) it cannot, and the skip hands the heads the intensity back.
+
     ``forward(x)`` takes x of shape (N, in_channels, D, H, W) with D, H, W divisible by 4 and at
     least 8, and returns the image (N, 1, D, H, W), or ``(image, logits)`` when multitask.
 
@@ -78,7 +85,7 @@ class Generator(nn.Module):
     N_DOWNSAMPLING = 2
 
     def __init__(self, in_channels: int = 1, ngf: int = 64, n_blocks: int = 6, multitask: bool = False,
-                 dropout: float = 0.5, n_classes: int = 3):
+                 dropout: float = 0.5, n_classes: int = 3, input_skip: bool = False):
         super().__init__()
         if in_channels < 1 or ngf < 1 or n_blocks < 0 or n_classes < 1:
             raise MicroCTSynthError(
@@ -87,7 +94,8 @@ class Generator(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise MicroCTSynthError(f"The generator's dropout must lie in [0, 1), not {dropout}.")
         self._arguments = {"in_channels": int(in_channels), "ngf": int(ngf), "n_blocks": int(n_blocks),
-                           "multitask": bool(multitask), "dropout": float(dropout), "n_classes": int(n_classes)}
+                           "multitask": bool(multitask), "dropout": float(dropout), "n_classes": int(n_classes),
+                           "input_skip": bool(input_skip)}
         self.multitask = bool(multitask)
 
         trunk = [nn.ReflectionPad3d(3), nn.Conv3d(in_channels, ngf, kernel_size=7, padding=0, bias=USE_BIAS),
@@ -104,8 +112,10 @@ class Generator(nn.Module):
                                          output_padding=1, bias=USE_BIAS),
                       _instance_norm(ngf * mult // 2), nn.ReLU(True)]
         self.trunk = nn.Sequential(*trunk)
-        self.image_head = nn.Sequential(nn.ReflectionPad3d(3), nn.Conv3d(ngf, 1, kernel_size=7, padding=0), nn.Tanh())
-        self.tissue_head = (nn.Sequential(nn.ReflectionPad3d(3), nn.Conv3d(ngf, n_classes, kernel_size=7, padding=0))
+        self.input_skip = bool(input_skip)
+        head_in = ngf + (in_channels if self.input_skip else 0)
+        self.image_head = nn.Sequential(nn.ReflectionPad3d(3), nn.Conv3d(head_in, 1, kernel_size=7, padding=0), nn.Tanh())
+        self.tissue_head = (nn.Sequential(nn.ReflectionPad3d(3), nn.Conv3d(head_in, n_classes, kernel_size=7, padding=0))
                             if self.multitask else None)
         init_weights(self)
 
@@ -123,6 +133,8 @@ class Generator(nn.Module):
             raise MicroCTSynthError(f"The generator needs patches whose sides are multiples of {factor} and at least "
                                     f"{2 * factor} voxels, not {size}.")
         features = self.trunk(x)
+        if self.input_skip:
+            features = torch.cat([features, x], 1)
         image = self.image_head(features)
         if self.tissue_head is None:
             return image

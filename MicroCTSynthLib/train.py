@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import (check_network_arguments, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .data import Normalization, PatchDataset, build_datasets, patch_sampler
 from .errors import MicroCTSynthError
-from .losses import GANLoss, discriminator_loss, generator_loss, validation_loss
+from .losses import GANLoss, discriminator_loss, generator_loss, loss_options, validation_loss
 from .networks import Discriminator, Generator
 from .presets import load_preset
 from .progress import Progress, emit_json, log
@@ -86,7 +86,8 @@ def build_networks(preset: dict, model: str) -> tuple[Generator, Discriminator]:
     if model not in MODELS:
         raise MicroCTSynthError(f"The model is 'single' or 'multi', not '{model}'.")
     generator = Generator(in_channels=1, ngf=int(preset["ngf"]), n_blocks=int(preset["n_blocks"]),
-                          multitask=model == "multi", dropout=float(preset["dropout"]))
+                          multitask=model == "multi", dropout=float(preset["dropout"]),
+                          input_skip=bool(preset.get("input_skip", False)))
     discriminator = Discriminator(in_channels=2, ndf=int(preset["ndf"]), n_layers=int(preset["n_layers_D"]))
     return generator, discriminator
 
@@ -248,18 +249,19 @@ def _split(output, multitask: bool):
 
 
 def training_step(G, D, discriminator, optimizer_G, optimizer_D, real_A, real_B, tissue, gan_loss: GANLoss,
-                  weights: dict, multitask: bool, autocast=nullcontext) -> dict[str, float]:
+                  weights: dict, multitask: bool, autocast=nullcontext, options: dict | None = None) -> dict[str, float]:
     """One iteration of the thesis: a G step (Eq. 5, or Eq. 6 with the tissue head), then a D step (Eq. 1).
 
     ``G`` and ``D`` are the networks as trained (DDP-wrapped or not), ``discriminator`` D itself:
     during G's step D is frozen and called directly, so only G's gradients are made (and reduced
-    across ranks). D's step sees the same fake, detached. Returns every loss term as a float.
+    across ranks). D's step sees the same fake, detached. ``options``: the keyword options of the
+    loss (:func:`~MicroCTSynthLib.losses.loss_options`). Returns every loss term as a float.
     """
     _set_requires_grad(discriminator, False)
     with autocast():
         fake_B, logits = _split(G(real_A), multitask)
         loss_G, terms_G = generator_loss(discriminator, real_A, fake_B, real_B, tissue, logits,
-                                         gan_loss=gan_loss, weights=weights)
+                                         gan_loss=gan_loss, weights=weights, **(options or {}))
     optimizer_G.zero_grad(set_to_none=True)
     loss_G.backward()
     optimizer_G.step()
@@ -284,7 +286,7 @@ def fingerprint(*modules: torch.nn.Module) -> list[float]:
     return values
 
 
-def _validate(generator, discriminator, dataset: PatchDataset, device, multitask: bool, autocast) -> dict:
+def _validate(generator, discriminator, dataset: PatchDataset, device, multitask: bool, autocast, options: dict) -> dict:
     """Mean over the validation patches of the thesis' validation loss (dropout off)."""
     generator.eval()
     totals: dict[str, float] = {}
@@ -296,7 +298,7 @@ def _validate(generator, discriminator, dataset: PatchDataset, device, multitask
             with autocast():
                 fake_B, logits = _split(generator(real_A), multitask)
                 total, terms = validation_loss(discriminator, real_A, fake_B.float(), real_B, tissue,
-                                               None if logits is None else logits.float())
+                                               None if logits is None else logits.float(), **options)
             for k, v in {"val_loss": float(total), **terms}.items():
                 totals[k] = totals.get(k, 0.0) + v
     generator.train()
@@ -397,6 +399,7 @@ def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_dec
     scheduler_D = make_scheduler(optimizer_D, n_epochs, n_decay)
     gan_loss = GANLoss(preset.get("gan_mode", "vanilla"))
     weights = loss_weights(preset, model)
+    options = loss_options(preset)
 
     start_epoch, history = 0, []
     if checkpoint is not None:
@@ -472,7 +475,7 @@ def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_dec
                 real_B = batch["real_B"].to(dev, non_blocking=True)
                 tissue = batch["tissue"].to(dev, non_blocking=True)
                 terms = training_step(G, D, discriminator, optimizer_G, optimizer_D, real_A, real_B, tissue,
-                                      gan_loss, weights, multitask, autocast)
+                                      gan_loss, weights, multitask, autocast, options)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v
                 global_step = epoch * steps_per_epoch + step + 1
@@ -492,7 +495,7 @@ def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_dec
             is_best = False
             if dist.main:
                 if validate and val_set is not None and len(val_set):
-                    entry.update(_validate(generator, discriminator, val_set, dev, multitask, autocast))
+                    entry.update(_validate(generator, discriminator, val_set, dev, multitask, autocast, options))
                     is_best = entry["val_loss"] < best_val
                     best_val = min(best_val, entry["val_loss"])
                 history.append(entry)

@@ -18,15 +18,17 @@ def conv_params(c_in: int, c_out: int, k: int, bias: bool = True) -> int:
     return c_in * c_out * k ** 3 + (c_out if bias else 0)
 
 
-def generator_formula(in_channels: int, ngf: int, n_blocks: int, multitask: bool = False, n_classes: int = 3) -> int:
+def generator_formula(in_channels: int, ngf: int, n_blocks: int, multitask: bool = False, n_classes: int = 3,
+                      input_skip: bool = False) -> int:
     """The generator's parameter count written out layer by layer (instance norm has none)."""
     n = conv_params(in_channels, ngf, 7)                                # 7³ stem
     n += conv_params(ngf, 2 * ngf, 3) + conv_params(2 * ngf, 4 * ngf, 3)  # two stride-2 convolutions
     n += n_blocks * 2 * conv_params(4 * ngf, 4 * ngf, 3)                 # residual blocks, two 3³ convs each
     n += conv_params(4 * ngf, 2 * ngf, 3) + conv_params(2 * ngf, ngf, 3)  # two transposed convolutions
-    n += conv_params(ngf, 1, 7)                                          # 7³ image head
+    head_in = ngf + (in_channels if input_skip else 0)                   # the heads also see the CT
+    n += conv_params(head_in, 1, 7)                                      # 7³ image head
     if multitask:
-        n += conv_params(ngf, n_classes, 7)                              # 7³ tissue head
+        n += conv_params(head_in, n_classes, 7)                          # 7³ tissue head
     return n
 
 
@@ -46,10 +48,11 @@ def test_thesis_generator_has_23_5_million_parameters():
     assert abs(n - 23.5e6) / 23.5e6 < 0.01
 
 
-@pytest.mark.parametrize("in_channels,ngf,n_blocks,multitask", [(1, 4, 1, False), (2, 8, 3, True), (1, 4, 0, True)])
-def test_generator_parameter_count_matches_formula(in_channels, ngf, n_blocks, multitask):
-    net = Generator(in_channels, ngf, n_blocks, multitask=multitask)
-    assert count_parameters(net) == generator_formula(in_channels, ngf, n_blocks, multitask)
+@pytest.mark.parametrize("in_channels,ngf,n_blocks,multitask,input_skip",
+                         [(1, 4, 1, False, False), (2, 8, 3, True, False), (1, 4, 0, True, False), (2, 4, 1, True, True)])
+def test_generator_parameter_count_matches_formula(in_channels, ngf, n_blocks, multitask, input_skip):
+    net = Generator(in_channels, ngf, n_blocks, multitask=multitask, input_skip=input_skip)
+    assert count_parameters(net) == generator_formula(in_channels, ngf, n_blocks, multitask, input_skip=input_skip)
 
 
 @pytest.mark.parametrize("ndf,n_layers", [(64, 3), (4, 2), (8, 4), (4, 5)])
@@ -175,15 +178,31 @@ def test_pix2pix_initialisation():
         init_weights(net, "uniform-ish")
 
 
+def test_instance_norm_blinds_the_trunk_to_intensity_and_the_input_skip_restores_it():
+    # The same texture in middle-ear air and in bone: the patches differ by an intensity
+    # offset only. Instance norm after every trunk convolution takes the offset (and any scale)
+    # away, so without the skip both heads answer alike; the skip hands them the CT back.
+    texture = 0.3 * torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    air, bone = texture - 1.5, texture + 1.5
+    for input_skip in (False, True):
+        net = Generator(1, 4, 1, multitask=True, input_skip=input_skip).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(net.trunk(air), net.trunk(bone), rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(net.trunk(3 * air), net.trunk(air), rtol=1e-3, atol=1e-3)
+            (image_air, logits_air), (image_bone, logits_bone) = net(air), net(bone)
+        gap = max((image_air - image_bone).abs().max().item(), (logits_air - logits_bone).abs().max().item())
+        assert (gap > 1e-2) == input_skip, gap
+
+
 def test_arguments_rebuild_the_same_network():
-    for net in (Generator(1, 4, 2, multitask=True, dropout=0.25, n_classes=3), Discriminator(2, 8, 2)):
+    for net in (Generator(1, 4, 2, multitask=True, dropout=0.25, n_classes=3, input_skip=True), Discriminator(2, 8, 2)):
         args = net.arguments
         assert json.loads(json.dumps(args)) == args  # plain data, fit for a weights_only checkpoint
         twin = type(net)(**args)
         twin.load_state_dict(net.state_dict())  # strict: same keys and shapes
         assert twin.arguments == args
     assert Generator().arguments == {"in_channels": 1, "ngf": 64, "n_blocks": 6, "multitask": False,
-                                     "dropout": 0.5, "n_classes": 3}
+                                     "dropout": 0.5, "n_classes": 3, "input_skip": False}
     assert Discriminator().arguments == {"in_channels": 2, "ndf": 64, "n_layers": 3}
 
 

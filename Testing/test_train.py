@@ -19,7 +19,7 @@ from MicroCTSynthLib import cli
 from MicroCTSynthLib.checkpoint import load_checkpoint, load_generator, save_checkpoint
 from MicroCTSynthLib.data import Normalization
 from MicroCTSynthLib.errors import MicroCTSynthError
-from MicroCTSynthLib.losses import GANLoss
+from MicroCTSynthLib.losses import GANLoss, loss_options
 from MicroCTSynthLib.networks import Generator
 from MicroCTSynthLib.presets import load_preset
 from MicroCTSynthLib.train import (build_networks, fingerprint, loss_weights, lr_lambda, make_scheduler, train,
@@ -102,6 +102,29 @@ def test_tiny_model_overfits_one_pair(model):
     assert {"G_GAN", "G_L1", "G_perceptual", "D_real", "D_fake"} <= set(history[0])
     if model == "multi":
         assert history[-1]["G_dice"] < history[0]["G_dice"]
+
+
+def test_preset_loss_options_and_input_skip_reach_the_networks_and_the_step():
+    preset = {**load_preset("tiny"), "input_skip": True}
+    G, _ = build_networks(preset, "multi")
+    assert G.input_skip and G.arguments["input_skip"]
+    assert not build_networks(load_preset("paper") | {"ngf": 2, "n_blocks": 0}, "multi")[0].input_skip
+    arrays = synthetic_case(16, seed=2)
+    norm = Normalization((-1000.0, 1600.0), (0.0, 1.0))
+    real_A = torch.from_numpy(norm.ct_to_net(arrays["ct_registered"]))[None, None]
+    real_B = torch.from_numpy(norm.microct_to_net(arrays["microct"]))[None, None]
+    tissue = torch.from_numpy(arrays["tissue"].astype("int64"))[None, None]
+    tissue[tissue == 2] = 3                                   # a patch without soft tissue
+    dice = {}
+    for absent in ("count", "skip"):
+        torch.manual_seed(0)
+        G, D = build_networks(preset, "multi")
+        opt_G, opt_D = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+        options = loss_options({**preset, "dice_absent_classes": absent})
+        dice[absent] = training_step(G, D, D, opt_G, opt_D, real_A, real_B, tissue, GANLoss(),
+                                     loss_weights(preset, "multi"), True, options=options)["G_dice"]
+    # same networks, same patch: "count" adds soft tissue's near-zero Dice to the mean, "skip" leaves it out
+    assert dice["skip"] < dice["count"]
 
 
 # -- a run and its folder ----------------------------------------------------------------------------
