@@ -238,8 +238,9 @@ def plot_validation_curves(runs: dict, path: Path) -> Path:
 def plot_visual_comparison(dataset: Dataset, out_dir: Path, group: str, specimen: str, methods, path: Path) -> Path:
     """Fig. 8: CT, synthetic micro-CTs, micro-CT, and every method's tissue map on the same slice."""
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
-    from .labels import TISSUE_COLORS
+    from .labels import TISSUE_COLORS, TISSUE_NAMES
 
     plt = _plt()
     case_dir = out_dir / "cases" / group / specimen
@@ -250,12 +251,14 @@ def plot_visual_comparison(dataset: Dataset, out_dir: Path, group: str, specimen
     images += [(f"{METHOD_TITLES[m]}", read_volume(case_dir / f"{m}_microct.nrrd").array[k], "gray")
                for m in methods if (case_dir / f"{m}_microct.nrrd").exists()]
     images.append(("micro-CT", microct[k], "gray"))
-    maps = [("micro-CT tissue map (reference)", read_volume(dataset.path(specimen, "tissue")).array[k])]
+    reference = read_volume(dataset.path(specimen, "tissue")).array[k]
+    maps = [("micro-CT tissue map (reference)", reference)]
     sources = {"naive": dataset.path(specimen, "naive_tissue"), "atlas": case_dir / "atlas_tissue.nrrd"}
     for m in ("atlas", "naive", *methods):
         p = sources.get(m, case_dir / f"{m}_tissue.nrrd")
         if p.exists():
-            maps.append((METHOD_TITLES[m], read_volume(p).array[k]))
+            # Shown where it is scored: inside the micro-CT's field of view.
+            maps.append((METHOD_TITLES[m], np.where(reference > 0, read_volume(p).array[k], 0)))
     cmap = ListedColormap([(0, 0, 0)] + [TISSUE_COLORS[i] for i in sorted(TISSUE_COLORS)])
     n = max(len(images), len(maps))
     fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 5.6))
@@ -268,8 +271,11 @@ def plot_visual_comparison(dataset: Dataset, out_dir: Path, group: str, specimen
     for ax, (title, lab) in zip(axes[1], maps):
         ax.imshow(lab, cmap=cmap, vmin=0, vmax=3, interpolation="nearest")
         ax.set_title(title, fontsize=8)
-    fig.suptitle(f"{specimen} (group {group}), axial slice {k}", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"{specimen} (group {group}), axial slice {k}; tissue maps within the micro-CT's field of view",
+                 fontsize=10)
+    fig.legend(handles=[Patch(color=TISSUE_COLORS[i], label=TISSUE_NAMES[i]) for i in sorted(TISSUE_NAMES)],
+               loc="lower right", fontsize=8, frameon=False, ncol=3)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
