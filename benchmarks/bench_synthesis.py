@@ -47,6 +47,7 @@ from MicroCTSynthLib.synthesize import (  # noqa: E402
     sliding_window_synthesis,
     synthesize_on_grid,
 )
+from MicroCTSynthLib.train import build_networks  # noqa: E402
 from MicroCTSynthLib.volume import Volume  # noqa: E402
 
 #: Output edge per preset when --size is not given: a few windows per axis, CPU-friendly.
@@ -116,7 +117,7 @@ def preset_methods(name: str, size: int, device: torch.device):
     preset = load_preset(name)
     patch = int(preset["patch_size"])
     torch.manual_seed(0)
-    net = Generator(1, ngf=preset["ngf"], n_blocks=preset["n_blocks"], dropout=preset["dropout"]).to(device).eval()
+    net = build_networks(preset, "single")[0].to(device).eval()
     rng = np.random.default_rng(0)
     image = rng.uniform(-1, 1, size=(1, size, size, size)).astype(np.float32)
     image_t = torch.from_numpy(image)[None]
@@ -226,7 +227,7 @@ class WindowNormalization:
 def briefly_trained_generator(x: np.ndarray, y: np.ndarray, steps: int, patch: int, preset: dict) -> torch.nn.Module:
     """The preset's generator after ``steps`` L1 steps (Adam, the thesis' beta1) on random patches of (x, y)."""
     torch.manual_seed(0)
-    net = Generator(1, ngf=preset["ngf"], n_blocks=preset["n_blocks"], dropout=preset["dropout"])
+    net = build_networks(preset, "single")[0]
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.5, 0.999))
     rng = np.random.default_rng(1)
     net.train()
@@ -252,7 +253,8 @@ def bench_seams(steps: int, device: torch.device) -> dict:
     norm = WindowNormalization(np.percentile(ct.array[inside], [0.5, 99.5]),
                                np.percentile(specimen.microct.array[inside], [0.5, 99.5]))
     torch.manual_seed(0)
-    nets = {"untrained": Generator(1, ngf=preset["ngf"], n_blocks=preset["n_blocks"], dropout=preset["dropout"]).eval()}
+    torch.manual_seed(0)
+    nets = {"untrained": build_networks(preset, "single")[0].eval()}
     t0 = time.perf_counter()
     nets[f"trained {steps} steps"] = briefly_trained_generator(
         norm.ct_to_net(ct.array), norm.microct_to_net(specimen.microct.array), steps, patch, preset)
@@ -261,6 +263,7 @@ def bench_seams(steps: int, device: torch.device) -> dict:
     for label, net in nets.items():
         rows = {}
         for name, overlap, blend in (("thesis tiling (overlap 0)", 0.0, "constant"),
+                                     ("overlap 0.25, gaussian", 0.25, "gaussian"),
                                      ("overlap 0.5, constant", 0.5, "constant"),
                                      ("overlap 0.5, gaussian", 0.5, "gaussian")):
             out = synthesize_on_grid(ct, ct, net, norm, patch, overlap=overlap, blend=blend, device=device)
