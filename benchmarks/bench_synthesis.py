@@ -253,7 +253,6 @@ def bench_seams(steps: int, device: torch.device) -> dict:
     norm = WindowNormalization(np.percentile(ct.array[inside], [0.5, 99.5]),
                                np.percentile(specimen.microct.array[inside], [0.5, 99.5]))
     torch.manual_seed(0)
-    torch.manual_seed(0)
     nets = {"untrained": build_networks(preset, "single")[0].eval()}
     t0 = time.perf_counter()
     nets[f"trained {steps} steps"] = briefly_trained_generator(
