@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +66,34 @@ def test_interrupted_experiment_resumes_without_redoing_finished_work(experiment
     assert (out / "runs" / "T_multi" / RUN_COMPLETE).exists()
     for method, dice in before.items():
         assert again["median_dice"][method] == pytest.approx(dice), method
+
+
+def _benchmark(name: str):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tissue_ceiling_benchmark_scores_a_ct_classifier_beside_the_experiment(experiment, capsys):
+    data, out, _ = experiment
+    bench = _benchmark("bench_tissue_ceiling")
+    assert bench.main(["--data", str(data), "--group", "T", "--preset", "tiny", "--features", "intensity",
+                       "--steps", "150", "--threads", "1", "--results", str(out / "results.csv")]) == 0
+    lines = {line.split("  ")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert {"CT features: intensity", "Naive (CT + Otsu)", "Atlas", "Single-task cGAN", "Multitask cGAN"} <= set(lines)
+    air, soft, bone = (float(v) for v in lines["CT features: intensity"].split()[-5::2])
+    assert bone > 0.8  # the CT's brightest class is learnt from intensity alone
+    assert all(0.0 <= v <= 1.0 for v in (air, soft))
+
+
+def test_segmenter_benchmark_trains_the_tissue_head_and_scores_train_and_test(experiment, capsys):
+    data, _, _ = experiment
+    bench = _benchmark("bench_segmenter")
+    assert bench.main(["--data", str(data), "--group", "T", "--preset", "tiny", "--steps", "3", "--batch", "2",
+                       "--sampling", "balanced", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "S3_2 (test)" in text and "S3_1 (train)" in text and "median (test)" in text
+    with pytest.raises(SystemExit):
+        bench.main(["--data", str(data), "--loss", "focal"])
