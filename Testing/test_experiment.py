@@ -13,6 +13,7 @@ from MicroCTSynthLib.dataset import Dataset
 from MicroCTSynthLib.experiment import METHODS, RUN_COMPLETE, run_experiment, summarize
 from MicroCTSynthLib.phantom import make_phantom
 from MicroCTSynthLib.prepare import prepare
+from MicroCTSynthLib.presets import load_preset
 
 GROUP = {"T": {"train": ["S3_1"], "val": [], "test": ["S3_2"]}}
 
@@ -74,6 +75,16 @@ def _benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_context_preset_is_the_quick_preset_with_larger_patches_and_more_steps():
+    # The README's context measurements hold only if this file stays the demo's preset otherwise.
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "presets" / "quick-context48.json"
+    context, quick = load_preset(path), load_preset("quick")
+    changed = {k for k in quick if context[k] != quick[k]} - {"name", "description"}
+    assert changed == {"patch_size", "train_patch_overlap", "max_patches_per_epoch"}
+    assert context["patch_size"] * context["microct_spacing_mm"] == pytest.approx(3.6, abs=0.01)
+    assert context["max_patches_per_epoch"] * (context["n_epochs"] + context["n_epochs_decay"]) == 1600
 
 
 def test_tissue_ceiling_benchmark_scores_a_ct_classifier_beside_the_experiment(experiment, capsys):
