@@ -3,7 +3,8 @@
 Each preset is one JSON file in ``Resources/presets/``. ``paper.json`` holds every number of
 the thesis under the name the thesis gives it; ``quick.json`` and ``tiny.json`` hold only what
 they change, and are read on top of ``paper.json``. A path to a JSON file of one's own works
-the same way.
+the same way, and may start from another preset instead of ``paper`` with ``"base": "quick"``
+(a preset name or the path of another file), so that it holds only what it changes.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ def _read(path: Path) -> dict:
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
-def load_preset(name_or_path: str | Path | dict) -> dict:
-    """The preset's settings: ``paper.json`` overlaid with the named preset (or a JSON file)."""
+def load_preset(name_or_path: str | Path | dict, _chain: tuple[Path, ...] = ()) -> dict:
+    """The preset's settings: its base (``paper.json`` unless it names one) overlaid with it."""
     if isinstance(name_or_path, dict):
         return dict(name_or_path)
-    base = _read(PRESET_DIR / "paper.json")
     key = str(name_or_path)
     if key in PRESET_NAMES:
         path = PRESET_DIR / f"{key}.json"
@@ -41,7 +41,17 @@ def load_preset(name_or_path: str | Path | dict) -> dict:
             raise MicroCTSynthError(
                 f"Unknown preset '{key}': use {', '.join(PRESET_NAMES)} or the path of a preset JSON file."
             )
+    path = path.resolve()
+    if path in _chain:
+        raise MicroCTSynthError(f"The preset '{key}' is its own base, through {' -> '.join(p.name for p in _chain)}.")
     overrides = _read(path)
+    base_name = overrides.pop("base", None)
+    if base_name is None:
+        base = _read(PRESET_DIR / "paper.json")
+    else:
+        # A file named as base is looked for beside the preset that names it first.
+        beside = path.parent / str(base_name)
+        base = load_preset(beside if beside.is_file() else base_name, _chain + (path,))
     unknown = sorted(set(overrides) - set(base) - {"name", "description"})
     if unknown:
         raise MicroCTSynthError(f"The preset '{key}' sets unknown key(s) {', '.join(unknown)}; see Resources/presets/paper.json.")

@@ -59,6 +59,22 @@ def test_unknown_preset_is_a_sentence():
     assert build_parser().parse_args(["phantom", "--out", "x"]).preset == "quick"
 
 
+def test_a_preset_file_can_start_from_another_preset(tmp_path):
+    from MicroCTSynthLib.presets import load_preset
+
+    (tmp_path / "mine.json").write_text(json.dumps({"base": "quick", "patch_size": 32}))
+    mine, quick = load_preset(tmp_path / "mine.json"), load_preset("quick")
+    assert mine == {**quick, "patch_size": 32}
+    (tmp_path / "yours.json").write_text(json.dumps({"base": "mine.json", "lr": 0.01}))
+    assert load_preset(tmp_path / "yours.json") == {**mine, "lr": 0.01}
+    (tmp_path / "loop.json").write_text(json.dumps({"base": "loop.json"}))
+    with pytest.raises(ValueError, match="is its own base"):
+        load_preset(tmp_path / "loop.json")
+    (tmp_path / "typo.json").write_text(json.dumps({"base": "quick", "patchsize": 32}))
+    with pytest.raises(ValueError, match="unknown key.*patchsize"):
+        load_preset(tmp_path / "typo.json")
+
+
 def test_negative_roi_centre_is_a_value():
     args = build_parser().parse_args(
         ["synthesize", "--model", "m.pt", "--ct", "ct.nrrd", "--out-microct", "s.nrrd", "--out-tissue", "t.nrrd",
