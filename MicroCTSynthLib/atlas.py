@@ -251,25 +251,32 @@ def _shrinks(image: sitk.Image, shrinks) -> tuple[int, ...]:
 
 
 def _rigid_candidates(fixed: sitk.Image, moving: sitk.Image) -> list[sitk.Euler3DTransform]:
-    """Centred moments turned through a grid of orientations; the SEARCH_KEEP best by the metric
-    on the coarsest level (the specimens' poses differ by tens of degrees, more than a local
-    optimiser travels)."""
-    centred = sitk.CenteredTransformInitializer(
-        fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
-    centred = sitk.Euler3DTransform(centred)
+    """Two centrings (the images' centres of mass above air, and their geometric centres) each
+    turned through a grid of orientations; the SEARCH_KEEP best by the metric on the coarsest
+    level (the specimens' poses differ by tens of degrees, more than a local optimiser travels).
+
+    Both centrings are needed: a specimen lying in air, sawn differently from the atlas, moves
+    its centre of mass away from its anatomy, while the field of view's centre stays near it.
+    """
+    # Moments of the attenuation above air (HU + 1024 >= 0): raw HU give air a negative mass.
+    starts = [
+        sitk.Euler3DTransform(sitk.CenteredTransformInitializer(fixed + 1024.0, moving + 1024.0, sitk.Euler3DTransform(), mode))
+        for mode in (sitk.CenteredTransformInitializerFilter.MOMENTS, sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    ]
     shrink = next((s for s in (4, 2) if min(fixed.GetSize()) / s >= SEARCH_MIN_VOXELS), 1)
     sigma = [0.5 * shrink * s for s in fixed.GetSpacing()]
     fixed_small = sitk.Shrink(sitk.SmoothingRecursiveGaussian(fixed, sigma), [shrink] * 3)
     moving_small = sitk.Shrink(sitk.SmoothingRecursiveGaussian(moving, sigma), [shrink] * 3)
     scored = []
-    for angles in itertools.product(np.radians(SEARCH_ANGLES_DEG), repeat=3):
-        candidate = sitk.Euler3DTransform(centred)
-        candidate.SetRotation(*(float(a) for a in angles))
-        value = _coarse_metric(fixed_small, moving_small, candidate)
-        if np.isfinite(value):
-            scored.append((value, candidate))
+    for start in starts:
+        for angles in itertools.product(np.radians(SEARCH_ANGLES_DEG), repeat=3):
+            candidate = sitk.Euler3DTransform(start)
+            candidate.SetRotation(*(float(a) for a in angles))
+            value = _coarse_metric(fixed_small, moving_small, candidate)
+            if np.isfinite(value):
+                scored.append((value, candidate))
     scored.sort(key=lambda s: s[0])
-    return [c for _, c in scored[:SEARCH_KEEP]] or [centred]
+    return [c for _, c in scored[:SEARCH_KEEP]] or starts[:1]
 
 
 def _rigid_stage(fixed: sitk.Image, moving: sitk.Image, shrinks, step_mm: float) -> sitk.Euler3DTransform:

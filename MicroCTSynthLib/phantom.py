@@ -1,31 +1,25 @@
 """The inner-ear phantom: paired clinical CT / micro-CT specimens with their true tissue maps.
 
 No public paired CT / micro-CT of the temporal bone is reachable, so the project makes its own
-specimens, named as the thesis' study codes (S3_1, S3_2, S3_7, S3_8, S3_11, S3_12). Each is an
-analytic model of a temporal-bone block, evaluated point by point (vectorised numpy):
-
-- a cochlea of 2.5-2.8 turns: a fluid-filled canal swept along a conical spiral, tapering from
-  about 1.5 mm (basal) to 0.5 mm (apical), partly divided by a thin bony spiral lamina, wound
-  around a bony modiolus that carries the cochlear nerve;
-- a vestibule, three roughly orthogonal semicircular canals (lumen 0.8-1 mm), all wrapped in the
-  dense otic capsule; the internal auditory canal (soft tissue) and the facial nerve canal;
-- the middle ear (air) with a stapes (footplate in the oval window, two crura, head), the incus'
-  long process and the stapedius tendon;
-- mastoid air cells: a Voronoi foam of cells 0.4-3 mm wide separated by thin bony septa.
+specimens, named as the thesis' study codes (S3_1, S3_2, S3_7, S3_8, S3_11, S3_12). Each is what
+a micro-CT scanner sees of an ex-vivo temporal-bone specimen: a sawn block of bone lying in air,
+with its own anatomy (:mod:`MicroCTSynthLib.anatomy`: labyrinth, nerves, middle ear, ossicles,
+membranes, mucosa, antrum and air cells, each structure varying on its own within published
+ranges), its own pose on the scanner bed (about +-15 deg per axis, a few mm) and its own clinical
+scanner.
 
 The micro-CT renders the truth at its own voxel size with a small (about one voxel) blur,
 scanner gain/offset and noise, inside a cylindrical field of view with an exact constant fill
-value outside, as real reconstructions have. The CT is made from a finer rendering of the same
-truth (0.1 mm; ``phantom_ct_supersampling``) by a clinical point-spread function (Gaussian, FWHM
-0.5 mm), averaging over its 0.3 mm voxels (partial volume), calibration gain/offset and noise
-(sigma 20-60 HU), on its own grid, misaligned by a random rigid transform (``true_transform``,
-up to 10 deg and 2 mm: a micro-CT point maps to the CT point, SimpleITK's resampling convention).
-The CT grid holds the whole micro-CT field of view after that misalignment, plus a margin.
-
-Mastoid septa are drawn 0.17-0.32 mm thick: thinner ones would be filled by the tissue map's
-0.1 mm closing, so that the micro-CT's own map could no longer serve as the truth it stands for.
-Specimens vary as real ones do: pose on the scanner bed (about +-15 deg per axis, a few mm),
-size (+-10 %), turns, canal radii, the air-cell pattern, bone density, gain, offset and noise.
+value outside, as real reconstructions have. The CT comes from a scanner of the specimen's own
+(:data:`CT_SCANNERS`): multi-detector or cone-beam CT with a native voxel of 0.2-0.4 mm, rendered
+finer, blurred by its point-spread function (FWHM 0.4-0.7 mm), averaged over its voxels (partial
+volume), darkened by mild beam-hardening streaks along the lines through dense bone, calibrated
+off by a scale and an offset (cone-beam "HU"), with noise of its own level and texture, then
+resampled (linear) to the 0.3 mm grid a user would work on. It lies misaligned by a random rigid
+transform (``true_transform``, up to 10 deg and 2 mm: a micro-CT point maps to the CT point,
+SimpleITK's resampling convention) and holds the whole micro-CT field of view after that
+misalignment, plus a margin. The scanner's settings are kept in the specimen's parameters: the
+tissue map belongs to the anatomy, not to the scanner.
 """
 
 from __future__ import annotations
@@ -43,8 +37,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
-from scipy.spatial import cKDTree
 
+from .anatomy import BONE as _BONE
+from .anatomy import Anatomy, draw_anatomy, rotation
 from .dataset import SPECIMENS, Dataset
 from .errors import MicroCTSynthError
 from .labels import AIR, BONE, OUTSIDE, SOFT_TISSUE
@@ -52,12 +47,26 @@ from .presets import load_preset
 from .progress import Progress, emit_json, log
 from .volume import Volume, atomic_path, write_volume
 
-# Materials of the analytic model; labels are AIR, SOFT_TISSUE (fluid and tissue), BONE.
-_AIR, _FLUID, _BONE, _TISSUE = 1, 2, 3, 4
+#: Version of the phantom's model, written into every dataset (cases.json) and model card.
+PHANTOM_VERSION = 2
+
+# Material codes of the anatomy (1 air, 2 fluid, 3 bone, 4 soft tissue) -> tissue labels.
 _MATERIAL_TO_LABEL = np.array([OUTSIDE, AIR, SOFT_TISSUE, BONE, SOFT_TISSUE], dtype=np.uint8)
 
 #: Points evaluated at once: bounds the temporaries to a few tens of MB whatever the grid.
 _CHUNK = 1 << 20
+
+#: The clinical scanners a specimen's CT may come from (uniform ranges per kind). Multi-detector
+#: CT is calibrated in HU; cone-beam CT's grey values are "HU" off by a scale and an offset, with
+#: more and coarser-grained noise. Native voxels of 0.2-0.4 mm are resampled to the 0.3 mm grid.
+CT_SCANNERS = {
+    "MDCT": {"voxel_mm": (0.2, 0.4), "psf_fwhm_mm": (0.4, 0.7), "gain": (0.97, 1.03), "offset_hu": (-20.0, 20.0),
+             "noise_hu": (15.0, 50.0), "noise_correlation_mm": (0.0, 0.2), "streak_hu": (20.0, 60.0)},
+    "CBCT": {"voxel_mm": (0.2, 0.4), "psf_fwhm_mm": (0.4, 0.7), "gain": (0.75, 1.25), "offset_hu": (-250.0, 150.0),
+             "noise_hu": (30.0, 90.0), "noise_correlation_mm": (0.1, 0.35), "streak_hu": (30.0, 100.0)},
+}
+#: Bone denser than this (HU) hardens the beam.
+_DENSE_BONE_HU = 1500.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,389 +83,45 @@ def _unit(v) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def _rotation(angles_deg) -> np.ndarray:
-    """Rotation matrix of Euler angles (x, then y, then z), as ``sitk.Euler3DTransform`` (ZXY off)."""
-    t = sitk.Euler3DTransform()
-    t.SetRotation(*[math.radians(a) for a in angles_deg])
-    return np.asarray(t.GetMatrix(), dtype=float).reshape(3, 3)
-
-
-def _jitter_direction(rng, v, max_deg) -> list[float]:
-    r = _rotation(rng.uniform(-max_deg, max_deg, 3))
-    return (r @ _unit(v)).tolist()
+def draw_ct_scanner(rng: np.random.Generator, scanners: dict = CT_SCANNERS) -> dict:
+    """A clinical scanner: its kind and one setting drawn from each of its ranges (JSON-able)."""
+    kind = str(rng.choice(sorted(scanners)))
+    return {"kind": kind, **{key: float(rng.uniform(*bounds)) for key, bounds in sorted(scanners[kind].items())}}
 
 
 def draw_parameters(name: str, seed: int = 0, preset: dict | None = None) -> dict:
-    """The specimen's drawn parameters (JSON-able): anatomy, pose, scanner and misalignment."""
+    """The specimen's drawn parameters (JSON-able): pose, misalignment, anatomy and scanners."""
     preset = load_preset("quick") if preset is None else preset
-    rng = np.random.default_rng(specimen_seed(name, seed))
-    u = rng.uniform
+    root = specimen_seed(name, seed)
+    rng = np.random.default_rng(root)
     pose_sd, pose_max = preset["phantom_pose_sd_deg"], preset["phantom_pose_max_deg"]
     shift_sd, shift_max = preset["phantom_pose_shift_sd_mm"], preset["phantom_pose_shift_max_mm"]
     mis_deg, mis_mm = preset["phantom_misalignment_max_deg"], preset["phantom_misalignment_max_mm"]
     # The CT / micro-CT misalignment: a random axis, an angle up to the maximum, a shift up to it.
     axis = _unit(rng.normal(size=3))
-    angle = u(0.3, 1.0) * mis_deg
-    rotvec = axis * math.radians(angle)
+    angle = rng.uniform(0.3, 1.0) * mis_deg
     shift_dir = _unit(rng.normal(size=3))
     p = {
         "name": name,
         "seed": int(seed),
-        "specimen_seed": specimen_seed(name, seed),
+        "specimen_seed": root,
+        "phantom_version": PHANTOM_VERSION,
         # Pose on the scanner bed: small rotations about each axis, a shift of a few mm.
         "pose_rotation_deg": np.clip(rng.normal(0, pose_sd, 3), -pose_max, pose_max).tolist(),
         "pose_shift_mm": np.clip(rng.normal(0, shift_sd, 3), -shift_max, shift_max).tolist(),
-        "size_scale": u(0.9, 1.1),
-        # Cochlea
-        "cochlea_turns": u(2.5, 2.8),
-        "cochlea_basal_radius_mm": u(2.9, 3.1),
-        "cochlea_apical_radius_mm": u(0.75, 0.9),
-        "cochlea_height_per_turn_mm": u(1.28, 1.36),
-        "canal_basal_radius_mm": u(0.70, 0.78),
-        "canal_apical_radius_mm": u(0.24, 0.28),
-        "lamina_thickness_mm": u(0.15, 0.2),
-        "lamina_width_fraction": u(0.5, 0.65),
-        "cochlea_axis": _jitter_direction(rng, (0.2, 0.3, 1.0), 8),
-        "modiolus_nerve_radius_mm": u(0.8, 1.0),
-        # Vestibule and semicircular canals
-        "vestibule_center_mm": (np.array([1.0, -1.5, -0.5]) + rng.normal(0, 0.15, 3)).tolist(),
-        "vestibule_radii_mm": (np.array([1.6, 1.2, 1.2]) * u(0.9, 1.1, 3)).tolist(),
-        "scc_major_radius_mm": u(1.8, 2.2, 3).tolist(),
-        "scc_lumen_radius_mm": u(0.4, 0.5, 3).tolist(),
-        "scc_normals": [
-            _jitter_direction(rng, (0.0, 0.0, 1.0), 8),   # lateral
-            _jitter_direction(rng, (1.0, 1.0, 0.0), 8),   # superior
-            _jitter_direction(rng, (1.0, -1.0, 0.0), 8),  # posterior
-        ],
-        "otic_capsule_mm": u(0.5, 0.7),
-        # Internal auditory canal, facial nerve
-        "iac_radius_mm": u(1.7, 2.1),
-        "facial_nerve_radius_mm": u(0.5, 0.65),
-        "facial_canal_wall_mm": u(0.15, 0.25),
-        # Middle ear and ossicles
-        "middle_ear_center_mm": (np.array([5.1, 0.5, 0.3]) + rng.normal(0, 0.2, 3)).tolist(),
-        "middle_ear_radii_mm": (np.array([2.3, 3.8, 3.2]) * u(0.92, 1.08, 3)).tolist(),
-        "stapes_crus_radius_mm": u(0.14, 0.18),
-        "stapes_head_offset_mm": (np.array([1.3, -0.2, 0.1]) + rng.normal(0, 0.1, 3)).tolist(),
-        "incus_offset_mm": (np.array([0.9, 0.6, 2.4]) + rng.normal(0, 0.2, 3)).tolist(),
-        "tendon_offset_mm": (np.array([-0.3, -2.2, -0.4]) + rng.normal(0, 0.2, 3)).tolist(),
-        # Mastoid air cells
-        "mastoid_center_mm": (np.array([1.5, -3.5, 1.0]) + rng.normal(0, 0.3, 3)).tolist(),
-        "mastoid_radii_mm": (np.array([6.0, 5.5, 6.5]) * u(0.9, 1.1, 3)).tolist(),
-        "air_cell_min_mm": u(0.4, 0.55),
-        "air_cell_max_mm": u(2.4, 3.0),
-        "septum_min_mm": u(0.17, 0.2),
-        "septum_max_mm": u(0.26, 0.32),
-        "air_cell_antrum_reach": u(1.0, 1.3),
-        "air_cell_seed": int(rng.integers(0, 2**31 - 1)),
-        # Bone density (relative; 1 = 1700 HU) and its slow variation
-        "bone_density": u(0.85, 1.05),
-        "bone_density_waves": [
-            (_unit(rng.normal(size=3)) * u(0.3, 0.9)).tolist() + [u(0, 2 * math.pi)] for _ in range(3)
-        ],
-        # Micro-CT scanner (arbitrary grey units)
-        "microct_gain": u(9000.0, 11000.0),
-        "microct_offset": u(800.0, 1500.0),
-        "microct_noise": u(0.02, 0.035),  # sigma as a fraction of the bone - air contrast
-        "microct_fill_value": 0.0,
-        # Clinical CT
-        "ct_noise_hu": u(20.0, 60.0),
-        "ct_gain": u(0.97, 1.03),  # calibration drift of the clinical scanner
-        "ct_offset_hu": u(-15.0, 15.0),
-        "ct_psf_fwhm_mm": float(preset["phantom_ct_psf_fwhm_mm"]) * u(0.95, 1.1),
-        "ct_misalignment_rotvec_rad": rotvec.tolist(),
+        "ct_misalignment_rotvec_rad": (axis * math.radians(angle)).tolist(),
         "ct_misalignment_deg": angle,
-        "ct_misalignment_shift_mm": (shift_dir * u(0.3, 1.0) * mis_mm).tolist(),
+        "ct_misalignment_shift_mm": (shift_dir * rng.uniform(0.3, 1.0) * mis_mm).tolist(),
+        # Micro-CT scanner (arbitrary grey units)
+        "microct_gain": rng.uniform(9000.0, 11000.0),
+        "microct_offset": rng.uniform(800.0, 1500.0),
+        "microct_noise": rng.uniform(0.02, 0.035),  # sigma as a fraction of the bone - air contrast
+        "microct_fill_value": 0.0,
     }
+    # Anatomy and CT scanner from streams of their own: a change to one leaves the other alone.
+    p["anatomy"] = draw_anatomy(np.random.default_rng([root, 2]))
+    p["ct_scanner"] = draw_ct_scanner(np.random.default_rng([root, 3]))
     return p
-
-
-# ---------------------------------------------------------------------------------------------
-# The analytic anatomy (specimen frame, mm)
-# ---------------------------------------------------------------------------------------------
-def _segment_distance(q: np.ndarray, a, b) -> np.ndarray:
-    """Distance of points ``q`` (3, N) to the segment ``a``-``b``."""
-    a, b = np.asarray(a, np.float32)[:, None], np.asarray(b, np.float32)[:, None]
-    ab = b - a
-    d = q - a
-    t = np.clip((ab * d).sum(axis=0) / max(float((ab * ab).sum()), 1e-12), 0.0, 1.0)
-    return _norm(d - ab * t)
-
-
-def _norm(v: np.ndarray) -> np.ndarray:
-    """Euclidean norm of each column of ``v`` (3, N)."""
-    return np.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
-
-
-def _in_box(q: np.ndarray, lo, hi) -> np.ndarray:
-    """Indices of the points (columns of ``q``) inside the axis-aligned box ``lo``-``hi``."""
-    lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
-    inside = (q[0] >= lo[0]) & (q[0] <= hi[0])
-    inside &= (q[1] >= lo[1]) & (q[1] <= hi[1])
-    inside &= (q[2] >= lo[2]) & (q[2] <= hi[2])
-    return np.flatnonzero(inside)
-
-
-def _segment_box(q, a, b, radius) -> np.ndarray:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return _in_box(q, np.minimum(a, b) - radius, np.maximum(a, b) + radius)
-
-
-def _frame(normal) -> np.ndarray:
-    """Rows: two unit vectors spanning the plane orthogonal to ``normal``, then ``normal``."""
-    n = _unit(normal)
-    helper = np.array([1.0, 0.0, 0.0]) if abs(n[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
-    e1 = _unit(np.cross(n, helper))
-    return np.stack([e1, np.cross(n, e1), n]).astype(np.float32)
-
-
-def _col(v) -> np.ndarray:
-    return np.asarray(v, np.float32).reshape(3, 1)
-
-
-class Anatomy:
-    """Material and bone density of a specimen at any point of its own frame (mm).
-
-    Points are given as a ``(3, N)`` float32 array (rows x, y, z): row-wise arithmetic on
-    contiguous rows is what keeps the evaluation of millions of points fast.
-    """
-
-    def __init__(self, params: dict):
-        p = params
-        self.p = p
-        self.capsule = p["otic_capsule_mm"]
-        # Cochlea: base centre B, axis a; the canal starts (theta = 0) inside the vestibule.
-        self.V = np.asarray(p["vestibule_center_mm"], np.float32)
-        a = _unit(p["cochlea_axis"])
-        towards = np.array([-0.6, 1.0, 0.0])  # antero-medial of the vestibule
-        u0 = _unit(towards - a * (towards @ a))  # across the axis
-        self.r0, self.r1 = p["cochlea_basal_radius_mm"], p["cochlea_apical_radius_mm"]
-        self.R0, self.R1 = p["canal_basal_radius_mm"], p["canal_apical_radius_mm"]
-        self.turns = p["cochlea_turns"]
-        self.theta_max = 2 * math.pi * self.turns
-        self.H = p["cochlea_height_per_turn_mm"] * self.turns
-        self.B = (self.V + (self.r0 + 0.9) * u0).astype(np.float32)
-        # u points from B back to the vestibule, so theta = 0 lies in it.
-        self.cochlea_frame = np.stack([-u0, np.cross(a, -u0), a]).astype(np.float32)
-        self.cochlea_center = self.B + 0.5 * self.H * a.astype(np.float32)
-        self.cochlea_bound = math.hypot(self.r0 + self.R0 + self.capsule + 0.2, 0.5 * self.H + self.R0 + self.capsule + 0.2)
-        self.axis = a.astype(np.float32)
-        # Internal auditory canal: from just below the modiolus' base along -axis, out of view.
-        self.iac = (self.B - 0.8 * self.axis, self.B - 16.0 * self.axis)
-        # Semicircular canals: tori through the vestibule, away from the cochlea.
-        self.sccs = []
-        away = _unit(self.V - self.B)
-        for n, Rm, r in zip(p["scc_normals"], p["scc_major_radius_mm"], p["scc_lumen_radius_mm"]):
-            f = _frame(n)
-            inplane = away - f[2] * (away @ f[2])
-            if np.linalg.norm(inplane) < 0.3:  # the plane holds little of "away": go up instead
-                inplane = np.array([0.0, 0.0, 1.0]) - f[2] * f[2][2]
-            c = self.V + (Rm + 0.35) * _unit(inplane)
-            self.sccs.append((c.astype(np.float32), f, float(Rm), float(r)))
-        self.vest_radii = np.asarray(p["vestibule_radii_mm"], np.float32)
-        # Oval window: from the vestibule to the middle ear along +x, closed by the footplate.
-        self.me_c = np.asarray(p["middle_ear_center_mm"], np.float32)
-        self.me_r = np.asarray(p["middle_ear_radii_mm"], np.float32)
-        wall_x = self._middle_ear_wall_x(self.V[1], self.V[2])
-        head = (np.array([wall_x, self.V[1], self.V[2]]) + np.asarray(p["stapes_head_offset_mm"])).astype(np.float32)
-        self.window_x = (float(self.V[0]), float(wall_x))
-        self.footplate = (float(wall_x) - 0.3, float(wall_x) - 0.05)
-        self.stapes_head = head
-        self.crura = [
-            (np.array([wall_x - 0.05, self.V[1] + dy, self.V[2]], np.float32), head) for dy in (-0.55, 0.55)
-        ]
-        self.incus = (head, head + np.asarray(p["incus_offset_mm"], np.float32))
-        self.tendon = (head, head + np.asarray(p["tendon_offset_mm"], np.float32))
-        # Facial nerve: along y above the oval window, in the medial wall of the middle ear.
-        fn_z = float(self.V[2] + self.vest_radii[2] + 0.9)
-        self.facial = (np.array([wall_x - 0.4, -7.0, fn_z], np.float32), np.array([wall_x - 0.4, 4.0, fn_z], np.float32))
-        # Mastoid foam
-        self._build_air_cells()
-        w = np.asarray(p["bone_density_waves"], np.float32)
-        self.waves_k, self.waves_phase = w[:, :3] * np.float32(2 * math.pi / 4.0), w[:, 3]
-
-    def _middle_ear_wall_x(self, y: float, z: float) -> float:
-        q = ((y - self.me_c[1]) / self.me_r[1]) ** 2 + ((z - self.me_c[2]) / self.me_r[2]) ** 2
-        return float(self.me_c[0] - self.me_r[0] * math.sqrt(max(1.0 - q, 0.05)))
-
-    def _build_air_cells(self) -> None:
-        """Voronoi seeds: cells small at the periphery, large near the antrum; outer seeds are bone."""
-        p = self.p
-        rng = np.random.default_rng(p["air_cell_seed"])
-        c = np.asarray(p["mastoid_center_mm"], float)
-        radii = np.asarray(p["mastoid_radii_mm"], float)
-        dmin, dmax = p["air_cell_min_mm"], p["air_cell_max_mm"]
-        lo, hi = c - radii - dmax, c + radii + dmax
-        # Rejection sampling with density 1/d(q)^3, d growing from the rim to the antrum.
-        n_candidates = int(np.prod(hi - lo) / dmin**3 * 1.3)
-        q = rng.uniform(lo, hi, size=(n_candidates, 3))
-        rel = np.linalg.norm((q - c) / radii, axis=1)
-        antrum = c + np.array([0.2, 0.4, 0.0]) * radii  # towards the middle ear
-        t = np.clip(np.linalg.norm((q - antrum) / radii, axis=1) / p["air_cell_antrum_reach"], 0.0, 1.0)
-        d = dmax + (dmin - dmax) * t ** 0.5
-        d = np.where(rel > 1.0, np.maximum(d, 1.2), d)  # coarse bone cells outside the region
-        keep = rng.uniform(size=len(q)) < (dmin / d) ** 3
-        q, d, rel = q[keep], d[keep], rel[keep]
-        # Thin out seeds closer than a third of the local cell size (no slivers of cells).
-        pairs = cKDTree(q).query_pairs(r=dmin / 3.0, output_type="ndarray")
-        drop = np.zeros(len(q), bool)
-        drop[pairs[:, 1]] = True
-        q, rel = q[~drop], rel[~drop]
-        self.cell_seeds = q.astype(np.float32)
-        self.cell_is_air = rel <= 1.0
-        self.cell_code = rng.uniform(size=len(q)).astype(np.float32)
-        self.cell_tree = cKDTree(self.cell_seeds)
-        self.mastoid_c, self.mastoid_r = c.astype(np.float32), radii.astype(np.float32)
-        # Beyond this (relative) radius no air cell reaches: skip the Voronoi search there.
-        self.mastoid_reach = 1.0 + 0.6 * dmax / float(radii.min())
-
-    # -- pieces -----------------------------------------------------------------------------
-    def _cochlea(self, q: np.ndarray):
-        """Canal SDF, lamina mask and nerve SDF of points ``q`` (3, N), in mm."""
-        x, y, z = self.cochlea_frame @ (q - _col(self.B))
-        rho = np.hypot(x, y)
-        phi = np.mod(np.arctan2(y, x), np.float32(2 * math.pi))
-        best = np.full(x.shape, np.inf, np.float32)
-        best_dr = np.zeros_like(best)
-        best_dz = np.zeros_like(best)
-        best_R = np.ones_like(best)
-        for k in range(int(math.ceil(self.turns)) + 1):
-            s = (phi + np.float32(2 * math.pi * k)) / np.float32(self.theta_max)
-            valid = s <= 1.0
-            s = np.minimum(s, 1.0)
-            r = self.r0 + (self.r1 - self.r0) * s
-            h = self.H * s
-            R = self.R1 + (self.R0 - self.R1) * (1.0 - s) ** 1.3
-            dr, dz = rho - r, z - h
-            sdf = np.where(valid, np.sqrt(dr * dr + dz * dz) - R, np.inf)
-            better = sdf < best
-            best = np.where(better, sdf, best)
-            best_dr = np.where(better, dr, best_dr)
-            best_dz = np.where(better, dz, best_dz)
-            best_R = np.where(better, R, best_R)
-        # Helicotrema: the canal's blind apical end.
-        ax, ay = self.r1 * math.cos(self.theta_max), self.r1 * math.sin(self.theta_max)
-        best = np.minimum(best, np.sqrt((x - ax) ** 2 + (y - ay) ** 2 + (z - self.H) ** 2) - self.R1)
-        # Osseous spiral lamina: a plate through the canal's middle from its inner (modiolar) wall.
-        t = self.p["lamina_thickness_mm"] * 0.5
-        reach = best_R * (2 * self.p["lamina_width_fraction"] - 1.0)
-        lamina = (best < 0) & (np.abs(best_dz) < t) & (best_dr < reach)
-        # Cochlear nerve in the modiolus: a cone from the internal auditory canal up the axis.
-        top = 0.75 * self.H
-        frac = np.clip(z / top, 0.0, 1.0)
-        nerve_r = self.p["modiolus_nerve_radius_mm"] * (1 - frac) + 0.15 * frac
-        nerve = np.where(z <= top, rho - nerve_r, np.inf)
-        return best, lamina, nerve
-
-    def _vestibule(self, q):
-        # Approximate SDF of an ellipsoid (exact on the axes), good enough for a capsule shell.
-        return (_norm((q - _col(self.V)) / _col(self.vest_radii)) - 1.0) * float(self.vest_radii.min())
-
-    def _scc(self, q, c, f, Rm, r):
-        x, y, z = f @ (q - _col(c))
-        return np.hypot(np.hypot(x, y) - Rm, z) - r
-
-    def bone_density(self, q: np.ndarray) -> np.ndarray:
-        """Relative density of bone (1 = 1700 HU): the specimen's level with slow variation."""
-        wave = np.zeros(q.shape[1], np.float32)
-        for k, ph in zip(self.waves_k, self.waves_phase):
-            wave += np.sin(k[0] * q[0] + k[1] * q[1] + k[2] * q[2] + ph)
-        return (np.float32(self.p["bone_density"]) * (1.0 + 0.02 * wave)).astype(np.float32)
-
-    def materials(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Material code (1 air, 2 fluid, 3 bone, 4 soft tissue) and bone density of points ``q`` (3, N).
-
-        Each structure is evaluated only on the points inside its bounding box, so a point far
-        from everything costs a few comparisons.
-        """
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        n = q.shape[1]
-        mat = np.full(n, _BONE, np.uint8)
-        density = self.bone_density(q)
-        cap = self.capsule
-
-        # Middle ear cavity.
-        idx = _in_box(q, self.me_c - self.me_r, self.me_c + self.me_r)
-        middle_ear = idx[_norm((q[:, idx] - _col(self.me_c)) / _col(self.me_r)) < 1.0]
-
-        # Labyrinth and nerves, with their bony walls (otic capsule, canal walls).
-        lumen = np.full(n, np.inf, np.float32)
-        nerve = np.full(n, np.inf, np.float32)
-        lamina = np.zeros(n, bool)
-        idx = _in_box(q, self.cochlea_center - self.cochlea_bound, self.cochlea_center + self.cochlea_bound)
-        if idx.size:
-            lumen[idx], lamina[idx], nerve[idx] = self._cochlea(q[:, idx])
-        idx = _in_box(q, self.V - self.vest_radii - cap - 0.1, self.V + self.vest_radii + cap + 0.1)
-        lumen[idx] = np.minimum(lumen[idx], self._vestibule(q[:, idx]))
-        for c, f, Rm, r in self.sccs:
-            reach = Rm + r + cap + 0.1
-            idx = _in_box(q, c - reach, c + reach)
-            lumen[idx] = np.minimum(lumen[idx], self._scc(q[:, idx], c, f, Rm, r))
-        iac_r = self.p["iac_radius_mm"]
-        idx = _segment_box(q, *self.iac, iac_r + 0.3)
-        nerve[idx] = np.minimum(nerve[idx], _segment_distance(q[:, idx], *self.iac) - iac_r)
-        facial = np.full(n, np.inf, np.float32)
-        fr, fw = self.p["facial_nerve_radius_mm"], self.p["facial_canal_wall_mm"]
-        idx = _segment_box(q, *self.facial, fr + fw)
-        facial[idx] = _segment_distance(q[:, idx], *self.facial) - fr
-        covered = (lumen < cap) | (facial < fw) | (nerve < 0.25)
-        covered[middle_ear] = True
-
-        # Mastoid air cells (Voronoi foam): air where the point is deeper than half a septum
-        # inside its cell; the distance to the bisector of the two nearest seeds is exact.
-        c, r = self.mastoid_c, self.mastoid_r
-        idx = _in_box(q, c - r * self.mastoid_reach, c + r * self.mastoid_reach)
-        rel = _norm((q[:, idx] - _col(c)) / _col(r))
-        near = rel < self.mastoid_reach
-        idx, rel = idx[near], rel[near]
-        # Pneumatised bone is less dense than the otic capsule; the change is gradual.
-        density[idx] *= 1.0 - 0.08 * np.clip(1.5 - rel, 0.0, 1.0)
-        idx = idx[~covered[idx]]  # the cavities and canals painted below hide the foam there
-        if idx.size:
-            dist, nn = self.cell_tree.query(q[:, idx].T, k=2, workers=2)
-            s1, s2 = self.cell_seeds[nn[:, 0]], self.cell_seeds[nn[:, 1]]
-            gap = np.linalg.norm(s2 - s1, axis=1)
-            to_wall = (dist[:, 1] ** 2 - dist[:, 0] ** 2) / (2 * np.maximum(gap, 1e-6))
-            # Each wall between two cells has its own thickness (a symmetric hash of the pair).
-            code = np.mod(self.cell_code[nn[:, 0]] + self.cell_code[nn[:, 1]], 1.0)
-            septum = self.p["septum_min_mm"] + (self.p["septum_max_mm"] - self.p["septum_min_mm"]) * code
-            air = self.cell_is_air[nn[:, 0]] & (to_wall > 0.5 * septum)
-            mat[idx[air]] = _AIR
-        mat[middle_ear] = _AIR
-
-        capsule = lumen < cap
-        mat[capsule | (facial < fw) | (nerve < 0.25)] = _BONE
-        density[capsule] *= 1.1  # the otic capsule is the densest bone of the body
-        mat[(nerve < 0) | (facial < 0)] = _TISSUE
-        mat[lumen < 0] = _FLUID
-        mat[lamina] = _BONE
-
-        # Oval window: a short fluid channel from the vestibule to the middle ear, closed by the
-        # stapes footplate with the annular ligament around it.
-        lo = np.array([self.window_x[0], self.V[1] - 0.9, self.V[2] - 0.5], np.float32)
-        hi = np.array([self.window_x[1] + 0.1, self.V[1] + 0.9, self.V[2] + 0.5], np.float32)
-        idx = _in_box(q, lo, hi)
-        qi = q[:, idx]
-        ring = ((qi[1] - self.V[1]) / 0.9) ** 2 + ((qi[2] - self.V[2]) / 0.5) ** 2
-        in_fp = (qi[0] >= self.footplate[0]) & (qi[0] <= self.footplate[1])
-        mat[idx[ring < 1.0]] = _FLUID
-        mat[idx[in_fp & (ring < 1.0)]] = _TISSUE
-        mat[idx[in_fp & (ring < 0.72)]] = _BONE
-
-        # Stapes crura and head, the incus' long process; the stapedius tendon in the air.
-        crus = self.p["stapes_crus_radius_mm"]
-        for (a, b), radius, material in (
-            (self.tendon, 0.12, _TISSUE), (self.crura[0], crus, _BONE), (self.crura[1], crus, _BONE),
-            (self.incus, 0.3, _BONE), ((self.stapes_head, self.stapes_head), 0.35, _BONE),
-        ):
-            idx = _segment_box(q, a, b, radius)
-            hit = idx[_segment_distance(q[:, idx], a, b) < radius]
-            if material == _TISSUE:
-                hit = hit[mat[hit] == _AIR]
-            else:
-                density[hit] *= 1.05
-            mat[hit] = material
-        return mat, density
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,10 +164,9 @@ def _render(anatomy: Anatomy, M: np.ndarray, b: np.ndarray, size_xyz, spacing, o
 def _pose(params: dict, center: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Affine map (M, b) from a physical micro-CT point to the specimen frame: the pose on the
     scanner bed (rotation, shift about the grid centre) and the size, undone."""
-    R = _rotation(params["pose_rotation_deg"])
+    R = rotation(params["pose_rotation_deg"])
     t = np.asarray(center, float) + np.asarray(params["pose_shift_mm"], float)
-    s = float(params["size_scale"])
-    return R.T / s, -(R.T @ t) / s
+    return R.T, -(R.T @ t)
 
 
 def true_transform_of(params: dict, center) -> sitk.Euler3DTransform:
@@ -521,7 +185,7 @@ def true_transform_of(params: dict, center) -> sitk.Euler3DTransform:
 
 def _check_preset(cfg: dict) -> None:
     """Refuse grids the phantom cannot make, with a sentence (a preset file may hold anything)."""
-    for key in ("microct_spacing_mm", "ct_spacing_mm", "phantom_fov_mm", "phantom_ct_psf_fwhm_mm"):
+    for key in ("microct_spacing_mm", "ct_spacing_mm", "phantom_fov_mm"):
         value = cfg.get(key)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise MicroCTSynthError(f"The preset's {key} must be a positive number of mm, not {value!r}.")
@@ -575,6 +239,70 @@ def _ct_hu(mat: np.ndarray, dens: np.ndarray) -> np.ndarray:
     return out
 
 
+def _ct_native_grid(ct_size, ct_spacing, ct_origin, voxel_mm: float):
+    """The scanner's own grid (isotropic ``voxel_mm``) over the delivered CT grid's extent."""
+    extent = (np.asarray(ct_size) - 1) * np.asarray(ct_spacing)
+    n = np.ceil(extent / voxel_mm).astype(int) + 2
+    center = np.asarray(ct_origin) + extent / 2
+    origin = center - (n - 1) / 2.0 * voxel_mm
+    return tuple(int(v) for v in n), (voxel_mm,) * 3, tuple(origin)
+
+
+def _beam_hardening(hu: np.ndarray, spacing_mm: float, streak_hu: float) -> np.ndarray:
+    """Dark streaks along the scanner's in-plane axes through dense bone: each line is darkened by
+    the square of the dense bone it crosses, near that bone (a cheap stand-in for the
+    polychromatic beam's error). Returns the artefact (HU, <= 0), at most ``streak_hu`` deep."""
+    dense = (hu > _DENSE_BONE_HU).astype(np.float32)
+    if not dense.any():
+        return np.zeros_like(hu)
+    lx = dense.sum(axis=2, keepdims=True) * spacing_mm  # (z, y, 1): mm of dense bone along x
+    ly = dense.sum(axis=1, keepdims=True) * spacing_mm  # (z, 1, x)
+    path = lx * lx + ly * ly
+    near = np.clip(3.0 * ndimage.gaussian_filter(dense, sigma=1.0 / spacing_mm), 0.0, 1.0)
+    return -np.float32(streak_hu) * near * path / max(float(path.max()), 1e-6)
+
+
+def _correlated_noise(rng, shape, sigma_hu: float, correlation_voxels: float) -> np.ndarray:
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    if correlation_voxels > 0.3:
+        noise = ndimage.gaussian_filter(noise, sigma=correlation_voxels, output=np.float32)
+        noise /= max(float(noise.std()), 1e-6)
+    return noise * np.float32(sigma_hu)
+
+
+def render_ct(anatomy: Anatomy, params: dict, cfg: dict, M, b, transform: sitk.Transform, rng) -> Volume:
+    """The specimen's clinical CT (int16 HU) on the delivered 0.3 mm grid, through its scanner."""
+    scanner = params["ct_scanner"]
+    inverse = transform.GetInverse()
+    A = np.asarray(inverse.GetMatrix(), float).reshape(3, 3)
+    a0 = np.asarray(inverse.TransformPoint((0.0, 0.0, 0.0)), float)
+    ct_size, ct_spacing, ct_origin = _ct_geometry(cfg)
+    voxel = float(scanner["voxel_mm"])
+    nat_size, nat_spacing, nat_origin = _ct_native_grid(ct_size, ct_spacing, ct_origin, voxel)
+    # Rendered finer than the native voxel (about ct_spacing / phantom_ct_supersampling).
+    k = max(1, int(round(int(cfg["phantom_ct_supersampling"]) * voxel / float(ct_spacing[0]))))
+    fine_spacing = tuple(s / k for s in nat_spacing)
+    fine_origin = tuple(o - (k - 1) / (2.0 * k) * s for o, s in zip(nat_origin, nat_spacing))
+    fine_size = tuple(n * k for n in nat_size)
+    # A CT point y is the micro-CT point A y + a0, hence the specimen point M (A y + a0) + b.
+    mat, dens = _render(anatomy, M @ A, M @ a0 + b, fine_size, fine_spacing, fine_origin)
+    hu = _ct_hu(mat, dens)
+    del mat, dens
+    hu += _beam_hardening(hu, fine_spacing[0], scanner["streak_hu"])
+    sigma = scanner["psf_fwhm_mm"] / (2 * math.sqrt(2 * math.log(2))) / fine_spacing[0]
+    hu = ndimage.gaussian_filter(hu, sigma=sigma, output=np.float32)
+    nz, ny, nx = nat_size[::-1]
+    hu = hu.reshape(nz, k, ny, k, nx, k).mean(axis=(1, 3, 5))
+    hu = hu * np.float32(scanner["gain"]) + np.float32(scanner["offset_hu"])
+    hu += _correlated_noise(rng, hu.shape, scanner["noise_hu"], scanner["noise_correlation_mm"] / voxel)
+    native = Volume(hu, nat_spacing, nat_origin).to_sitk()
+    grid = sitk.Image([int(n) for n in ct_size], sitk.sitkFloat32)
+    grid.SetSpacing(ct_spacing)
+    grid.SetOrigin(ct_origin)
+    delivered = sitk.GetArrayFromImage(sitk.Resample(native, grid, sitk.Transform(), sitk.sitkLinear, -1000.0))
+    return Volume(np.clip(np.rint(delivered), -1024, 3071).astype(np.int16), ct_spacing, ct_origin)
+
+
 def make_specimen(name: str, preset="quick", seed: int = 0) -> Specimen:
     """One phantom specimen, deterministic per ``(name, seed)`` (and the preset's grids)."""
     if name not in SPECIMENS:
@@ -583,7 +311,7 @@ def make_specimen(name: str, preset="quick", seed: int = 0) -> Specimen:
     _check_preset(cfg)
     params = draw_parameters(name, seed, cfg)
     params["preset"] = cfg.get("name", str(preset))
-    anatomy = Anatomy(params)
+    anatomy = Anatomy(params["anatomy"])
     rng = np.random.default_rng([params["specimen_seed"], 1])
 
     # Micro-CT: the truth sampled at the voxel centres, blurred by a ~1 voxel PSF (partial volume).
@@ -609,27 +337,8 @@ def make_specimen(name: str, preset="quick", seed: int = 0) -> Specimen:
     microct = Volume(mu, spacing, origin)
     labels = Volume(labels, spacing, origin)
 
-    # CT: the truth rendered at ct_spacing / k, Gaussian PSF, averaged over each CT voxel, noise.
     transform = true_transform_of(params, center)
-    inverse = transform.GetInverse()
-    A = np.asarray(inverse.GetMatrix(), float).reshape(3, 3)
-    a0 = np.asarray(inverse.TransformPoint((0.0, 0.0, 0.0)), float)
-    ct_size, ct_spacing, ct_origin = _ct_geometry(cfg)
-    k = int(cfg["phantom_ct_supersampling"])
-    fine_spacing = tuple(s / k for s in ct_spacing)
-    fine_origin = tuple(o - (k - 1) / (2.0 * k) * s for o, s in zip(ct_origin, ct_spacing))
-    fine_size = tuple(nn * k for nn in ct_size)
-    # A CT point y is the micro-CT point A y + a0, hence the specimen point M (A y + a0) + b.
-    mat, dens = _render(anatomy, M @ A, M @ a0 + b, fine_size, fine_spacing, fine_origin)
-    hu = _ct_hu(mat, dens)
-    del mat, dens
-    sigma = params["ct_psf_fwhm_mm"] / (2 * math.sqrt(2 * math.log(2))) / fine_spacing[0]
-    hu = ndimage.gaussian_filter(hu, sigma=sigma, output=np.float32)
-    nz, ny, nx = ct_size[::-1]
-    hu = hu.reshape(nz, k, ny, k, nx, k).mean(axis=(1, 3, 5))
-    hu = hu * np.float32(params["ct_gain"]) + np.float32(params["ct_offset_hu"])
-    hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(params["ct_noise_hu"])
-    ct = Volume(np.clip(np.rint(hu), -1024, 3071).astype(np.int16), ct_spacing, ct_origin)
+    ct = render_ct(anatomy, params, cfg, M, b, transform, rng)
     return Specimen(name, microct, ct, labels, transform, params)
 
 
@@ -688,8 +397,10 @@ def save_preview(specimen: Specimen, path) -> Path:
                 ax.set_title(vname, fontsize=9)
             if j == 0:
                 ax.set_ylabel(title, fontsize=9)
-    fig.suptitle(f"{specimen.name}: {specimen.params['cochlea_turns']:.2f} turns, "
-                 f"misaligned {specimen.params['ct_misalignment_deg']:.1f} deg", fontsize=10)
+    anatomy, scanner = specimen.params["anatomy"], specimen.params["ct_scanner"]
+    fig.suptitle(f"{specimen.name}: {anatomy['cochlea_turns']:.2f} turns, pneumatisation "
+                 f"{anatomy['pneumatisation']:.2f}; {scanner['kind']} {scanner['voxel_mm']:.2f} mm, "
+                 f"misaligned {specimen.params['ct_misalignment_deg']:.1f} deg", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
