@@ -478,7 +478,9 @@ class LossChart:
     """The live loss chart of a training: a table node, one plot series per loss, a chart node.
 
     ``append(event)`` takes a training ``progress`` event and adds its loss fields as a new row
-    (one curve per loss term, x = step); curves appear as new terms arrive.
+    (one curve per loss term, x = step); curves appear as new terms arrive. A row is appended
+    to the table's columns (a new term adds a column, empty for the rows before it), so each
+    event costs the same however long the training has run.
     """
 
     def __init__(self, name: str = "MicroCTSynth training losses", scene=None):
@@ -489,9 +491,14 @@ class LossChart:
         self.chart_node.SetTitle("Training losses")
         self.chart_node.SetXAxisTitle("step")
         self.chart_node.SetYAxisTitle("loss")
-        self.rows: list[dict] = []
         self.terms: list[str] = []
         self.series: dict[str, object] = {}
+        self._columns: dict[str, object] = {"step": self._add_column("step", 0)}
+
+    @property
+    def rows(self) -> int:
+        """The number of rows (events with losses) so far."""
+        return int(self._columns["step"].GetNumberOfTuples())
 
     @staticmethod
     def loss_fields(event: dict) -> dict:
@@ -499,39 +506,44 @@ class LossChart:
                 if k.startswith(LOSS_PREFIXES) and isinstance(v, (int, float)) and not isinstance(v, bool)
                 and np.isfinite(v)}
 
+    def _add_column(self, term: str, rows: int):
+        column = vtk.vtkDoubleArray()
+        column.SetName(term)
+        for _ in range(rows):
+            column.InsertNextValue(float("nan"))
+        self.table_node.GetTable().AddColumn(column)
+        return column
+
     def append(self, event: dict) -> bool:
         """Add a row from a training progress event; ``False`` if it carries no loss."""
         losses = self.loss_fields(event)
         if not losses:
             return False
-        step = event.get("step", len(self.rows) + 1)
-        self.rows.append({"step": float(step), **losses})
+        rows = self.rows
+        step = float(event.get("step", rows + 1))
         new_terms = [k for k in losses if k not in self.terms]
-        self.terms.extend(new_terms)
-        self._refresh(rebuild=bool(new_terms))
-        return True
-
-    def _refresh(self, rebuild: bool) -> None:
-        columns = _table_columns(self.table_node, [("step", "double")] + [(t, "double") for t in self.terms])
-        for row in self.rows:
-            columns[0].InsertNextValue(row["step"])
-            for column, term in zip(columns[1:], self.terms):
-                column.InsertNextValue(row.get(term, float("nan")))
+        for term in new_terms:
+            self._columns[term] = self._add_column(term, rows)
+            self.terms.append(term)
+        self._columns["step"].InsertNextValue(step)
+        for term in self.terms:
+            self._columns[term].InsertNextValue(losses.get(term, float("nan")))
         self.table_node.GetTable().Modified()
         self.table_node.Modified()
-        if rebuild:
-            for term in self.terms:
-                if term in self.series:
-                    continue
-                series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", self.scene.GenerateUniqueName(term))
-                series.SetAndObserveTableNodeID(self.table_node.GetID())
-                series.SetXColumnName("step")
-                series.SetYColumnName(term)
-                series.SetPlotType(series.PlotTypeScatter)
-                series.SetMarkerStyle(series.MarkerStyleNone)
-                series.SetColor(*CURVE_COLORS[len(self.series) % len(CURVE_COLORS)])
-                self.chart_node.AddAndObservePlotSeriesNodeID(series.GetID())
-                self.series[term] = series
+        for term in new_terms:
+            self._add_series(term)
+        return True
+
+    def _add_series(self, term: str) -> None:
+        series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", self.scene.GenerateUniqueName(term))
+        series.SetAndObserveTableNodeID(self.table_node.GetID())
+        series.SetXColumnName("step")
+        series.SetYColumnName(term)
+        series.SetPlotType(series.PlotTypeScatter)
+        series.SetMarkerStyle(series.MarkerStyleNone)
+        series.SetColor(*CURVE_COLORS[len(self.series) % len(CURVE_COLORS)])
+        self.chart_node.AddAndObservePlotSeriesNodeID(series.GetID())
+        self.series[term] = series
 
     def remove(self) -> None:
         """Take the chart, its curves and its table out of the scene."""
@@ -541,7 +553,10 @@ class LossChart:
         self.series = {}
 
     def values(self, term: str) -> list[float]:
-        return [row.get(term, float("nan")) for row in self.rows]
+        column = self._columns.get(term)
+        if column is None:
+            return [float("nan")] * self.rows
+        return [column.GetValue(i) for i in range(self.rows)]
 
 
 # -- the console logic ----------------------------------------------------------------------------

@@ -123,6 +123,8 @@ class Job:
 
     #: stderr lines kept for the error message of a job that failed without an ``error`` event
     STDERR_LINES = 50
+    #: events kept in :attr:`events` (the latest ones): a training of hours must not fill memory
+    EVENTS_KEPT = 1000
 
     def __init__(self, command: list[str], on_event: Callable[[dict], None] | None = None,
                  on_result: Callable[["Job"], object] | None = None, cwd=None, env: dict | None = None,
@@ -134,7 +136,7 @@ class Job:
         self.cwd = cwd
         self.env = engine_environment() if env is None else env
         self.state = JobState.IDLE
-        self.events: list[dict] = []
+        self.events: deque[dict] = deque(maxlen=self.EVENTS_KEPT)
         self.progress: dict = {}
         self.outputs: dict = {}
         self.error: str | None = None

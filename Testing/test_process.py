@@ -183,3 +183,19 @@ def test_on_finish_runs_once_whatever_the_end(tmp_path, body, state):
     assert job.wait(timeout=60) == state
     job.poll()
     assert ended == [state]
+
+
+def test_the_event_history_is_bounded(tmp_path):
+    """A job that reports for hours keeps only its latest events; progress and outputs stay whole."""
+    child = tmp_path / "child.py"
+    child.write_text(textwrap.dedent("""
+        import json
+        for i in range(1, 3001):
+            print(json.dumps({"event": "progress", "step": i, "total": 3000}))
+        print(json.dumps({"event": "result", "outputs": {"out": "x"}}))
+    """))
+    job = Job([sys.executable, str(child)]).start()
+    assert job.wait(timeout=60) == JobState.DONE
+    assert len(job.events) == Job.EVENTS_KEPT < 3001
+    assert job.events[-1]["event"] == "result" and job.events[-2]["step"] == 3000
+    assert job.progress["step"] == 3000 and job.outputs == {"out": "x"}
