@@ -640,43 +640,66 @@ class MicroCTSynthSceneLogic:
 
     # -- 2. registration --------------------------------------------------------------------
     def register(self, ctNode, microCTNode, initialTransform=None, landmarksFixed=None, landmarksMoving=None,
-                 affine: bool = False, downsample: int = 1, progress: str = "none"):
+                 affine: bool = False, downsample: int = 1, wait: bool = True):
         """Register the CT (moving) onto the micro-CT (fixed) with Mattes mutual information.
 
         ``initialTransform``: a linear transform node (default: the one the CT is under, e.g.
         a manual alignment); or ``landmarksFixed`` / ``landmarksMoving``: markups point lists
-        in the micro-CT and the CT. Returns ``(transformNode, resampledCTNode)``: the
-        transform is applied to the CT node, and the resampled CT lies on the micro-CT grid.
+        in the micro-CT and the CT (they take the place of an initial transform). The
+        registration runs in the background (``microctsynth register``) like every long step.
+        Result: ``(transformNode, resampledCTNode)``: the transform is applied to the CT node,
+        and the resampled CT lies on the micro-CT grid. ``wait=False`` returns the running job.
         """
-        from . import registration
-
+        self._checkIdle()
         _scalar_volume(ctNode, "CT")
         _scalar_volume(microCTNode, "micro-CT")
-        ct = volume_from_node(ctNode, world=False)
-        microct = volume_from_node(microCTNode, world=True)
-        if initialTransform is None and landmarksFixed is None:
-            initialTransform = ctNode.GetParentTransformNode()
-            if initialTransform is not None and not initialTransform.IsLinear():
-                initialTransform = None
-        initial = sitk_transform_from_node(initialTransform) if initialTransform is not None else None
-        kwargs = {}
         if landmarksFixed is not None or landmarksMoving is not None:
             fixed_pts, moving_pts = points_lps_from_markups(landmarksFixed), points_lps_from_markups(landmarksMoving)
             if len(fixed_pts) < 3 or len(fixed_pts) != len(moving_pts):
                 raise MicroCTSynthError("Landmark registration needs the same three or more points in the micro-CT and the CT.")
-            kwargs = {"landmarks_fixed": fixed_pts, "landmarks_moving": moving_pts}
-        transform = registration.register(microct, ct, initial=initial, affine=affine, progress=progress, **kwargs)
-        resampled = registration.resample(ct, microct, transform, interpolator="linear", downsample=downsample)
+            initialTransform = None
+        else:
+            fixed_pts = moving_pts = None
+            if initialTransform is None:
+                initialTransform = ctNode.GetParentTransformNode()
+                if initialTransform is not None and not initialTransform.IsLinear():
+                    initialTransform = None
+        folder = self.jobDir("register")
+        out_transform, out_resampled = folder / "ct_to_microct.tfm", folder / "ct_registered.nrrd"
+        args = ["--fixed", str(self._writeVolume(microCTNode, folder / "microct.nrrd", world=True)),
+                "--moving", str(self._writeVolume(ctNode, folder / "ct.nrrd", world=False)),
+                "--out-transform", str(out_transform), "--out-resampled", str(out_resampled)]
+        if fixed_pts is not None:
+            for flag, points, name in (("--landmarks-fixed", fixed_pts, "fixed"), ("--landmarks-moving", moving_pts, "moving")):
+                path = folder / f"landmarks_{name}.csv"
+                path.write_text("".join(",".join(f"{v:.6f}" for v in p) + "\n" for p in points))
+                args += [flag, str(path)]
+        elif initialTransform is not None:
+            args += ["--init", str(write_transform_from_node(initialTransform, folder / "initial.tfm"))]
+        if affine:
+            args.append("--affine")
+        if int(downsample) > 1:
+            args += ["--downsample", str(int(downsample))]
         # Registering again refines the transform this method made; a user's own initial
         # transform (a manual alignment) is left as it was.
         reused = initialTransform if (initialTransform is not None and initialTransform.GetScene() is self.scene
                                       and initialTransform.GetAttribute(REGISTRATION_ATTRIBUTE)) else None
         name = f"{ctNode.GetName()} to {microCTNode.GetName()}"
-        transformNode = transform_node_from_sitk(transform, name, self.scene, node=reused)
-        transformNode.SetAttribute(REGISTRATION_ATTRIBUTE, "1")
-        ctNode.SetAndObserveTransformNodeID(transformNode.GetID())
-        resampledNode = node_from_volume(resampled, f"{ctNode.GetName()} registered", self.scene)
-        return transformNode, resampledNode
+
+        def on_result(job: Job):
+            # Read both outputs before touching the scene, so that a bad file adds no node.
+            try:
+                transform = sitk.ReadTransform(str(job.outputs.get("transform", out_transform)))
+            except RuntimeError:
+                raise MicroCTSynthError("The registration wrote no transform SimpleITK can read.") from None
+            resampled = read_volume(job.outputs.get("resampled", out_resampled), "The registered CT")
+            transformNode = transform_node_from_sitk(transform, name, self.scene, node=reused)
+            transformNode.SetAttribute(REGISTRATION_ATTRIBUTE, "1")
+            ctNode.SetAndObserveTransformNodeID(transformNode.GetID())
+            resampledNode = node_from_volume(resampled, f"{ctNode.GetName()} registered", self.scene)
+            return transformNode, resampledNode
+
+        return self._startJob("register", args, on_result, wait, onFinish=lambda job: shutil.rmtree(folder, ignore_errors=True))
 
     # -- 3. tissue map ----------------------------------------------------------------------
     def tissueMap(self, microCTNode, closingRadiusMm: float | None = None, name: str | None = None):

@@ -188,3 +188,48 @@ def test_icons_are_128_pixel_pngs(icon):
     head = icon.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", head[16:24]) == (128, 128)
+
+
+def _engine_imports(module: str) -> tuple[set[str], set[str]]:
+    """(engine modules, outside import names) a module of the engine imports, anywhere in it."""
+    internal, external = set(), set()
+    for node in ast.walk(ast.parse((ENGINE / f"{module}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            internal |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            external.add(node.module)
+        elif isinstance(node, ast.Import):
+            external |= {a.name for a in node.names}
+    return internal, external
+
+
+#: The engine modules each step of the panel runs (in Slicer's process or as the job's command).
+STEP_MODULES = {
+    "register": ["cli", "registration"], "tissueMap": ["tissue"], "addCase": ["dataset", "registration", "tissue"],
+    "train": ["cli", "train"], "synthesize": ["cli", "synthesize"], "atlas": ["cli", "atlas"], "compare": ["metrics"],
+}
+#: Import name -> the distribution the module installs (numpy, vtk, slicer come with Slicer).
+DISTRIBUTIONS = {"torch.utils.tensorboard": "tensorboard", "torch": "torch", "SimpleITK": "SimpleITK", "skimage": "scikit-image",
+                 "scipy": "scipy", "tqdm": "tqdm", "matplotlib": "matplotlib", "tensorboard": "tensorboard"}
+
+
+def test_each_step_asks_for_exactly_the_packages_its_engine_modules_import(module_tree):
+    """STEP_PACKAGES of MicroCTSynth.py against the imports of the engine modules each step runs
+    (followed through the engine): no step waits for a package it never uses, none lacks one."""
+    declared = next(ast.literal_eval(n.value) for n in module_tree.body if isinstance(n, ast.Assign)
+                    and getattr(n.targets[0], "id", "") == "STEP_PACKAGES")
+    for step, modules in STEP_MODULES.items():
+        seen, todo, needed = set(), list(modules), set()
+        while todo:
+            module = todo.pop()
+            if module in seen or not (ENGINE / f"{module}.py").is_file():
+                continue
+            seen.add(module)
+            internal, external = _engine_imports(module)
+            todo += sorted(internal)
+            for name in external:
+                for prefix in sorted(DISTRIBUTIONS, key=len, reverse=True):
+                    if name == prefix or name.startswith(prefix + "."):
+                        needed.add(DISTRIBUTIONS[prefix])
+                        break
+        assert set(declared[step]) == needed, f"{step}: declared {sorted(declared[step])}, its modules import {sorted(needed)}"
