@@ -233,3 +233,26 @@ def test_each_step_asks_for_exactly_the_packages_its_engine_modules_import(modul
                         needed.add(DISTRIBUTIONS[prefix])
                         break
         assert set(declared[step]) == needed, f"{step}: declared {sorted(declared[step])}, its modules import {sorted(needed)}"
+
+
+REPOSITORY = "https://github.com/microctsynth/SlicerMicroCTSynth"
+RAW_FILES = "https://raw.githubusercontent.com/microctsynth/SlicerMicroCTSynth/main/"
+
+
+def test_extension_metadata_is_what_the_extensions_index_accepts():
+    """Homepage, icon and screenshots are https addresses of this repository (the icon and the
+    screenshots of files it holds); category, contributors and description are filled in."""
+    top = (ROOT / "CMakeLists.txt").read_text()
+    meta = dict(re.findall(r'set\((EXTENSION_[A-Z_]+) "([^"]*)"\)', top))
+    assert meta["EXTENSION_HOMEPAGE"] == REPOSITORY
+    assert meta["EXTENSION_CATEGORY"] and meta["EXTENSION_CONTRIBUTORS"] and len(meta["EXTENSION_DESCRIPTION"]) > 40
+    screenshots = meta["EXTENSION_SCREENSHOTURLS"].split()
+    assert screenshots
+    for url in [meta["EXTENSION_ICONURL"], *screenshots]:
+        assert url.startswith(RAW_FILES), f"{url} is not an https address of a file of this repository"
+        path = ROOT / url[len(RAW_FILES):]
+        assert path.is_file(), f"{url} names {path}, which does not exist"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "docs/images/module_panel.png" in meta["EXTENSION_SCREENSHOTURLS"]
+    readme = (ROOT / "README.md").read_text()
+    assert REPOSITORY in readme
