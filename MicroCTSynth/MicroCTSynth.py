@@ -671,8 +671,16 @@ class MicroCTSynthTest(ScriptedLoadableModuleTest):
         logic.device = "cpu"
         missing = logic.missingPackages("selfTest")
         if missing:
-            self.delayDisplay("Installing the Python packages the self-test needs: " + ", ".join(missing))
-        logic.ensurePackages("selfTest")
+            self.delayDisplay("The self-test needs these Python packages: " + ", ".join(missing))
+
+        def ask(missing) -> bool:  # as the panel asks; in testing mode Slicer answers OK itself
+            return slicer.util.confirmOkCancelDisplay(
+                _("The self-test needs these Python packages, which will now be installed (this can take several minutes):")
+                + "\n\n" + "\n".join(missing), _("Install Python packages"))
+
+        if not logic.ensurePackages("selfTest", ask=ask):
+            raise MicroCTSynthError(f"The self-test needs these Python packages: {', '.join(missing)}; "
+                                    "accept their installation or install them, then run it again.")
 
         from MicroCTSynthTesting.scenario import run_scenario
 

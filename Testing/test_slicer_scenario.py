@@ -442,7 +442,13 @@ def test_self_test_makes_sure_of_its_packages_first(module_file, scene, monkeypa
                         staticmethod(lambda step=None: [n for n, ok in present.items() if not ok]))
     monkeypatch.setattr(module.MicroCTSynthLogic, "installPackages", staticmethod(lambda packages: installed.append(list(packages))))
     monkeypatch.setattr(scenario, "run_scenario", lambda logic, folder, log: ran.append(folder) or {"dice": {}})
+    answers = [False]
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **kw: answers[-1], raising=False)
     test = module.MicroCTSynthTest()
+    with pytest.raises(module.MicroCTSynthError, match=r"needs these Python packages: torch; accept"):
+        test.test_MicroCTSynth_scenario()  # the install declined: nothing installed, nothing run
+    assert installed == [] and ran == []
+    answers.append(True)  # as Slicer answers in testing mode
     with pytest.raises(module.MicroCTSynthError, match=r"missing and could not be installed: torch\."):
         test.test_MicroCTSynth_scenario()
     assert installed == [["torch"]] and ran == []
