@@ -3,7 +3,7 @@
 The module is thin: the panel, the parameter node, the background job's progress and cancel.
 The work is done by the engine (``MicroCTSynthLib``); the logic on MRML nodes lives in
 ``MicroCTSynthLib.mrml.MicroCTSynthSceneLogic``, free of Qt so that it also runs (and is tested)
-on the Qt-free ``slicer-core`` package. Training, synthesis and atlas runs start
+on the Qt-free ``slicer-core`` package. Registration, training, synthesis and atlas runs start
 ``PythonSlicer -m MicroCTSynthLib ... --progress json`` in a process of their own.
 """
 
@@ -126,8 +126,8 @@ closing), add registered cases to a dataset folder and train the single-task or 
 then synthesize the micro-CT and tissue map of any CT inside a region of interest around the
 cochlea. The atlas baseline (the thesis' previous method) and a comparison table (Dice per
 class, 95&nbsp;% Hausdorff distance) show how the methods differ.</p>
-<p>Training, synthesis and the atlas run in the background; the Slicer window stays usable and
-Cancel stops a job without touching the scene. The same steps are available from the Python
+<p>Registration, training, synthesis and the atlas run in the background; the Slicer window
+stays usable and Cancel stops a job without touching the scene. The same steps are available from the Python
 console (<code>MicroCTSynthLogic</code>) and the command line (<code>microctsynth</code>).</p>
 """)
         self.parent.acknowledgementText = _("""
