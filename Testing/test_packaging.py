@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import textwrap
 import venv
 from pathlib import Path
 
@@ -148,3 +149,33 @@ def test_slicer_code_compiles_with_python_3_9(tmp_path):
             "    compile(open(f, encoding='utf-8').read(), f, 'exec')\n")
     out = subprocess.run([python39, "-c", code, *files], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_the_engine_core_runs_on_python_3_9(tmp_path):
+    """Where a Python 3.9 is at hand, the engine's standard-library parts run on it: presets read
+    through importlib.resources, the command line's parser, a background job and its progress."""
+    python39 = _python39()
+    if python39 is None:
+        pytest.skip("no python3.9 on this machine")
+    script = tmp_path / "core39.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        from MicroCTSynthLib.cli import build_parser
+        from MicroCTSynthLib.package_data import shipped_models
+        from MicroCTSynthLib.presets import load_preset
+        from MicroCTSynthLib.process import Job, JobState
+        assert sys.version_info[:2] == (3, 9)
+        assert load_preset("tiny")["name"] == "tiny" and isinstance(shipped_models(), dict)
+        assert load_preset({str(ROOT / "benchmarks" / "presets" / "quick-context48.json")!r})["patch_size"] == 48
+        args = build_parser().parse_args(["synthesize", "--model", "m", "--ct", "c", "--out-microct", "a",
+                                          "--out-tissue", "b", "--roi", "-1,2,3", "2"])
+        assert args.roi == ["-1,2,3", "2"]
+        child = "from MicroCTSynthLib.progress import Progress\\nwith Progress(3, 'x', mode='json') as p:\\n" \\
+                "    [p.update() for _ in range(3)]\\nimport json; print(json.dumps({{'event': 'result', 'outputs': {{}}}}))"
+        job = Job([sys.executable, "-c", child]).start()
+        assert job.wait(timeout=60) == JobState.DONE and job.progress["step"] == 3, (job.state, job.error)
+        print("ok")
+    """))
+    env = {**_clean_env(), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([python39, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
