@@ -3,12 +3,13 @@
 The module is thin: the panel, the parameter node, the background job's progress and cancel.
 The work is done by the engine (``MicroCTSynthLib``); the logic on MRML nodes lives in
 ``MicroCTSynthLib.mrml.MicroCTSynthSceneLogic``, free of Qt so that it also runs (and is tested)
-on the Qt-free ``slicer-core`` package. Training, synthesis and atlas runs start
+on the Qt-free ``slicer-core`` package. Registration, training, synthesis and atlas runs start
 ``PythonSlicer -m MicroCTSynthLib ... --progress json`` in a process of their own.
 """
 
+import contextlib
 import importlib
-import importlib.metadata
+import importlib.util
 import logging
 import os
 import pathlib
@@ -56,17 +57,32 @@ from MicroCTSynthLib.errors import MicroCTSynthError  # noqa: E402
 from MicroCTSynthLib.mrml import MicroCTSynthSceneLogic, default_roi_node, job_summary  # noqa: E402
 from MicroCTSynthLib.process import JobState  # noqa: E402
 
-#: Python packages the engine needs (distribution name -> what pip installs). torch comes
-#: from the PyTorch extension when it is there, so that it matches the GPU and driver.
+#: Python packages the engine needs: distribution name (what pip installs) -> import name
+#: (what is looked for, without importing it). torch comes from the PyTorch extension when it
+#: is there, so that it matches the GPU and driver.
 REQUIRED_PACKAGES = {
     "torch": "torch",
     "SimpleITK": "SimpleITK",
-    "scikit-image": "scikit-image",
+    "scikit-image": "skimage",
     "scipy": "scipy",
     "tqdm": "tqdm",
     "matplotlib": "matplotlib",
     "tensorboard": "tensorboard",
 }
+
+#: What each step asks for: the packages the engine modules it runs import (Testing checks
+#: this against their imports), so that registering never waits for a multi-GB torch install.
+STEP_PACKAGES = {
+    "register": ("SimpleITK", "scipy", "scikit-image", "tqdm"),
+    "tissueMap": ("SimpleITK", "scipy", "scikit-image"),
+    "addCase": ("SimpleITK", "scipy", "scikit-image", "tqdm"),
+    "train": ("torch", "SimpleITK", "matplotlib", "tqdm", "tensorboard"),
+    "synthesize": ("torch", "SimpleITK", "scipy", "scikit-image", "tqdm"),
+    "atlas": ("SimpleITK", "scipy", "scikit-image", "tqdm"),
+    "compare": ("SimpleITK", "scipy"),
+}
+#: The self-test runs every step and makes its phantom: it needs them all.
+STEP_PACKAGES["selfTest"] = tuple(REQUIRED_PACKAGES)
 
 #: A layout of three axial views side by side: CT, synthetic micro-CT, micro-CT.
 SIDE_BY_SIDE_LAYOUT_ID = 7301
@@ -110,8 +126,8 @@ closing), add registered cases to a dataset folder and train the single-task or 
 then synthesize the micro-CT and tissue map of any CT inside a region of interest around the
 cochlea. The atlas baseline (the thesis' previous method) and a comparison table (Dice per
 class, 95&nbsp;% Hausdorff distance) show how the methods differ.</p>
-<p>Training, synthesis and the atlas run in the background; the Slicer window stays usable and
-Cancel stops a job without touching the scene. The same steps are available from the Python
+<p>Registration, training, synthesis and the atlas run in the background; the Slicer window
+stays usable and Cancel stops a job without touching the scene. The same steps are available from the Python
 console (<code>MicroCTSynthLogic</code>) and the command line (<code>microctsynth</code>).</p>
 """)
         self.parent.acknowledgementText = _("""
@@ -215,11 +231,11 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.progressBar.hide()
         self.ui.placeRoiButton.connect("clicked(bool)", self.onPlaceRoi)
-        self.ui.registerButton.connect("clicked(bool)", self.onRegister)
         self.ui.tissueMapButton.connect("clicked(bool)", self.onTissueMap)
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
         self.ui.compareButton.connect("clicked(bool)", self.onCompare)
         # Background steps: while their job runs, the button that started it reads "Cancel".
+        self.ui.registerButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.registerButton, self.onRegister))
         self.ui.trainButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.trainButton, self.onTrain))
         self.ui.resumeButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.resumeButton, self.onResume))
         self.ui.synthesizeButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.synthesizeButton, self.onSynthesize))
@@ -278,12 +294,12 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         model = _path(p.modelPath)
         hasDataset = dataset is not None and (dataset / "cases.json").is_file()
         self.ui.placeRoiButton.enabled = bool(ct)
-        self.ui.registerButton.enabled = bool(ct and micro and ct != micro) and not busy
         self.ui.tissueMapButton.enabled = bool(micro) and not busy
         self.ui.addCaseButton.enabled = bool(ct and micro and dataset and p.caseName.strip()
                                              and (p.registrationTransform or ct.GetParentTransformNode())) and not busy
         self.ui.compareButton.enabled = bool(p.referenceSegmentation and (p.compareCGAN or p.compareAtlas)) and not busy
         canRun = {
+            self.ui.registerButton: bool(ct and micro and ct != micro),
             self.ui.trainButton: hasDataset and bool(p.group.strip()),
             self.ui.resumeButton: hasDataset and bool(p.group.strip()),
             # A whole CT at micro-CT resolution fits nowhere: a region or the micro-CT grid is needed.
@@ -298,71 +314,85 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.registerButton.toolTip = (_("Register the CT (moving) onto the micro-CT (fixed) by mutual information.")
                                           if ct and micro else _("Select a CT and a micro-CT first."))
 
-    # -- dependencies --------------------------------------------------------------------------
-    def _ready(self) -> bool:
-        """On first use (never at import, not in testing mode): make sure the engine's packages are there."""
-        if slicer.app.testingEnabled() or getattr(self, "_dependenciesChecked", False):
-            return True
-        missing = self.logic.missingPackages()
-        if missing:
-            if not slicer.util.confirmOkCancelDisplay(
-                _("MicroCTSynth needs these Python packages, which will now be installed (this can take several minutes):")
+    # -- errors and dependencies ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def _showingErrors(self, message: str):
+        """Run one step of the panel. An error is shown once, by Slicer's ``tryWithErrorDisplay``
+        (the message and the error's own sentence), and ends here, so that the lines after the
+        step (status line, buttons) still run and the panel stays usable."""
+        try:
+            with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
+                yield
+        except Exception as exc:
+            # tryWithErrorDisplay has shown it (in testing mode it shows nothing: log it there).
+            log = logging.error if slicer.app.testingEnabled() else logging.debug
+            log("%s %s", message, exc, exc_info=True)
+            self.ui.statusLabel.text = f"{message} {exc}"
+        finally:
+            self._checkCanApply()
+
+    def _ready(self, step: str) -> bool:
+        """The packages ``step`` needs (never at import): asked for once and installed, or the
+        step does not start (``False`` when the user declines; an install that fails raises)."""
+
+        def ask(missing) -> bool:
+            return slicer.util.confirmOkCancelDisplay(
+                _("This step needs these Python packages, which will now be installed (this can take several minutes):")
                 + "\n\n" + "\n".join(missing),
                 _("Install Python packages"),
-            ):
-                return False
-            with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
-                self.logic.installPackages(missing)
-            if self.logic.missingPackages():
-                return False
-        self._dependenciesChecked = True
-        return True
+            )
+
+        return self.logic.ensurePackages(step, ask=ask)
 
     # -- 1. inputs ----------------------------------------------------------------------------
     def onPlaceRoi(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Could not place the region of interest."), waitCursor=True):
+        with self._showingErrors(_("Could not place the region of interest.")):
             self._parameterNode.roi = default_roi_node(self._parameterNode.ctVolume, scene=slicer.mrmlScene)
 
     # -- 2. registration ----------------------------------------------------------------------
-    def onRegister(self) -> None:
-        if not self._ready():
-            return
+    def onRegister(self):
+        if not self._ready("register"):
+            return None
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
-            landmarks = p.landmarksMicroCT and p.landmarksCT and p.landmarksMicroCT.GetNumberOfControlPoints() > 0
-            transform, registered = self.logic.register(
-                p.ctVolume, p.microCTVolume, initialTransform=p.initialTransform,
-                landmarksFixed=p.landmarksMicroCT if landmarks else None,
-                landmarksMoving=p.landmarksCT if landmarks else None, affine=p.affine)
-            p.registrationTransform = transform
-            p.registeredCT = registered
+        landmarks = bool(p.landmarksMicroCT and p.landmarksCT and p.landmarksMicroCT.GetNumberOfControlPoints() > 0)
+        job = self.logic.register(
+            p.ctVolume, p.microCTVolume, initialTransform=p.initialTransform,
+            landmarksFixed=p.landmarksMicroCT if landmarks else None,
+            landmarksMoving=p.landmarksCT if landmarks else None, affine=p.affine, wait=False)
+
+        def done(nodes):
+            p.registrationTransform, p.registeredCT = nodes
             slicer.util.setSliceViewerLayers(background=p.microCTVolume, foreground=p.ctVolume, foregroundOpacity=0.5, fit=True)
-            self.ui.statusLabel.text = _("Registered: the CT is shown on the micro-CT (50 % overlay).")
+            return _("Registered: the CT is shown on the micro-CT (50 % overlay).")
+
+        return job, done
 
     # -- 3. tissue map ------------------------------------------------------------------------
     def onTissueMap(self) -> None:
-        if not self._ready():
-            return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("The tissue map could not be made."), waitCursor=True):
+        with self._showingErrors(_("The tissue map could not be made.")):
+            if not self._ready("tissueMap"):
+                return
             segmentation = self.logic.tissueMap(p.microCTVolume)
             p.tissueSegmentation = segmentation
             if not p.referenceSegmentation:
                 p.referenceSegmentation = segmentation
             slicer.util.setSliceViewerLayers(background=p.microCTVolume, fit=True)
+            self.ui.statusLabel.text = _("Tissue map: {name}").format(name=segmentation.GetName())
 
     # -- 4. training ---------------------------------------------------------------------------
     def onAddCase(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("The case could not be added."), waitCursor=True):
+        with self._showingErrors(_("The case could not be added.")):
+            if not self._ready("addCase"):
+                return
             folder = self.logic.addCase(_path(p.datasetDir), p.caseName.strip(), p.ctVolume, p.microCTVolume,
                                         p.registrationTransform, p.tissueSegmentation, group=p.group.strip(), split=p.caseSplit)
             self.ui.statusLabel.text = _("Added case {name} ({split} of group {group}) in {folder}.").format(
                 name=p.caseName, split=p.caseSplit, group=p.group, folder=folder)
-            self._checkCanApply()
 
     def onTrain(self, resume: bool = False):
-        if not self._ready():
+        if not self._ready("train"):
             return None
         p = self._parameterNode
         job = self.logic.train(_path(p.datasetDir), group=p.group.strip(), model=p.model, preset=p.preset,
@@ -371,7 +401,7 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def done(modelPath):
             p.modelPath = pathlib.Path(modelPath)
-            self.ui.statusLabel.text = _("Trained: {path}").format(path=modelPath)
+            return _("Trained: {path}").format(path=modelPath)
 
         return job, done
 
@@ -380,7 +410,7 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- 5. synthesis -------------------------------------------------------------------------
     def onSynthesize(self):
-        if not self._ready():
+        if not self._ready("synthesize"):
             return None
         p = self._parameterNode
         onGrid = p.synthesizeOnMicroCTGrid and p.microCTVolume
@@ -424,7 +454,7 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- 6. atlas -----------------------------------------------------------------------------
     def onAtlas(self):
-        if not self._ready():
+        if not self._ready("atlas"):
             return None
         p = self._parameterNode
         job = self.logic.atlasSegment(p.ctVolume, _path(p.datasetDir), group=p.group.strip(),
@@ -438,10 +468,10 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- 7. compare ---------------------------------------------------------------------------
     def onCompare(self) -> None:
-        if not self._ready():
-            return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("The comparison failed."), waitCursor=True):
+        with self._showingErrors(_("The comparison failed.")):
+            if not self._ready("compare"):
+                return
             segmentations = {}
             if p.compareCGAN:
                 segmentations["cGAN"] = p.compareCGAN
@@ -450,6 +480,7 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table = self.logic.compare(p.referenceSegmentation, segmentations, referenceVolumeNode=p.microCTVolume)
             p.comparisonTable = table
             self.showTable(table)
+            self.ui.statusLabel.text = _("Compared: {name}").format(name=table.GetName())
 
     @staticmethod
     def showTable(table) -> None:
@@ -460,13 +491,18 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- background jobs ----------------------------------------------------------------------
     def _startOrCancel(self, button, start) -> None:
+        """Start the job of ``button`` (``start()`` -> ``(job, done)`` or ``None``), or cancel it.
+
+        While the job runs the button reads "Cancel"; ``done(result)`` loads the result when
+        the job has finished and may return the status line.
+        """
         if self._job is not None:
             if button is self._jobButton:
                 self._job.cancel()
                 self.ui.statusLabel.text = _("Cancelling...")
             return
         started = None
-        with slicer.util.tryWithErrorDisplay(_("The job could not start."), waitCursor=True):
+        with self._showingErrors(_("The job could not start.")):
             started = start()
         if not started:
             return
@@ -486,10 +522,9 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             running = job.poll()
-        except Exception as exc:  # a callback failed; stop the job rather than the timer loop
+        except Exception as exc:  # e.g. the job's on_finish failed: the job fails with that error
             logging.exception("MicroCTSynth job")
-            job.cancel()
-            job.error = str(exc)
+            job.fail(_("The job failed: {error}").format(error=exc))
             running = False
         progress = job.progress or {}
         if progress.get("total"):
@@ -504,9 +539,11 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         button.text = self._jobButtonText
         self.ui.progressBar.hide()
         if job.state == JobState.DONE:
-            with slicer.util.tryWithErrorDisplay(_("The results could not be shown."), waitCursor=True):
-                done(job.result)
             self.ui.statusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=job.elapsed)
+            with self._showingErrors(_("The results could not be shown.")):
+                status = done(job.result)
+                if status:
+                    self.ui.statusLabel.text = status
         elif job.state == JobState.CANCELLED:
             self.ui.statusLabel.text = _("Cancelled; the scene is as it was.")
         else:
@@ -553,15 +590,17 @@ class MicroCTSynthLogic(ScriptedLoadableModuleLogic, MicroCTSynthSceneLogic):
         return MicroCTSynthParameterNode(super().getParameterNode())
 
     @staticmethod
-    def missingPackages() -> list:
-        """The engine's packages that are not installed (by distribution metadata; nothing is imported)."""
-        missing = []
-        for distribution in REQUIRED_PACKAGES:
-            try:
-                importlib.metadata.version(distribution)
-            except importlib.metadata.PackageNotFoundError:
-                missing.append(distribution)
-        return missing
+    def missingPackages(step: Optional[str] = None) -> list:
+        """The packages ``step`` needs (default: all the engine's) that are not installed.
+
+        Looked for by import name without importing anything, so that a package Slicer bundles
+        (SimpleITK, numpy) is found whether or not it has pip's metadata.
+        """
+        if step is not None and step not in STEP_PACKAGES:
+            raise MicroCTSynthError(f"Unknown step '{step}'; one of {', '.join(STEP_PACKAGES)}.")
+        importlib.invalidate_caches()  # see what an install a moment ago added
+        names = STEP_PACKAGES[step] if step is not None else tuple(REQUIRED_PACKAGES)
+        return [name for name in names if importlib.util.find_spec(REQUIRED_PACKAGES[name]) is None]
 
     @staticmethod
     def installPackages(packages) -> None:
@@ -580,7 +619,31 @@ class MicroCTSynthLogic(ScriptedLoadableModuleLogic, MicroCTSynthSceneLogic):
             else:
                 slicer.util.pip_install("torch")
         if packages:
-            slicer.util.pip_install([REQUIRED_PACKAGES[p] for p in packages])
+            slicer.util.pip_install(packages)
+
+    def ensurePackages(self, step: Optional[str] = None, ask=None) -> bool:
+        """Make sure the packages of ``step`` are there, installing what is missing.
+
+        ``ask(missing) -> bool`` is asked first (the panel's confirmation); ``False`` when it
+        declines. Raises :class:`MicroCTSynthError` naming what is still missing after the install.
+        """
+        missing = self.missingPackages(step)
+        if not missing:
+            return True
+        if ask is not None and not ask(missing):
+            return False
+        try:
+            self.installPackages(missing)
+        except MicroCTSynthError:
+            raise
+        except Exception as exc:
+            raise MicroCTSynthError(f"Installing {', '.join(missing)} failed: {exc}") from None
+        still = self.missingPackages(step)
+        if still:
+            raise MicroCTSynthError(
+                f"These Python packages are missing and could not be installed: {', '.join(still)}. Install them "
+                f"in the Python console with slicer.util.pip_install({still!r}) and try again.")
+        return True
 
 
 #
@@ -589,7 +652,12 @@ class MicroCTSynthLogic(ScriptedLoadableModuleLogic, MicroCTSynthSceneLogic):
 
 
 class MicroCTSynthTest(ScriptedLoadableModuleTest):
-    """The self-test: the scenario of ``MicroCTSynthTesting.scenario`` (also run by pytest on slicer-core)."""
+    """The self-test: the scenario of ``MicroCTSynthTesting.scenario`` (also run by pytest on slicer-core).
+
+    On a fresh Slicer it first installs the packages the scenario needs, as the panel would
+    (torch through the PyTorch extension when it is there), or stops with one sentence naming
+    what is missing.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -599,11 +667,24 @@ class MicroCTSynthTest(ScriptedLoadableModuleTest):
         self.test_MicroCTSynth_scenario()
 
     def test_MicroCTSynth_scenario(self):
+        logic = MicroCTSynthLogic()
+        logic.device = "cpu"
+        missing = logic.missingPackages("selfTest")
+        if missing:
+            self.delayDisplay("The self-test needs these Python packages: " + ", ".join(missing))
+
+        def ask(missing) -> bool:  # as the panel asks; in testing mode Slicer answers OK itself
+            return slicer.util.confirmOkCancelDisplay(
+                _("The self-test needs these Python packages, which will now be installed (this can take several minutes):")
+                + "\n\n" + "\n".join(missing), _("Install Python packages"))
+
+        if not logic.ensurePackages("selfTest", ask=ask):
+            raise MicroCTSynthError(f"The self-test needs these Python packages: {', '.join(missing)}; "
+                                    "accept their installation or install them, then run it again.")
+
         from MicroCTSynthTesting.scenario import run_scenario
 
         self.delayDisplay("Tiny phantom case: register, tissue map, train one epoch, synthesize, compare")
-        logic = MicroCTSynthLogic()
-        logic.device = "cpu"
         with tempfile.TemporaryDirectory(prefix="MicroCTSynthTest-") as folder:
             figures = run_scenario(logic, folder, log=self.delayDisplay)
         for method, dice in figures["dice"].items():

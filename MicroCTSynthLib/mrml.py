@@ -478,7 +478,9 @@ class LossChart:
     """The live loss chart of a training: a table node, one plot series per loss, a chart node.
 
     ``append(event)`` takes a training ``progress`` event and adds its loss fields as a new row
-    (one curve per loss term, x = step); curves appear as new terms arrive.
+    (one curve per loss term, x = step); curves appear as new terms arrive. A row is appended
+    to the table's columns (a new term adds a column, empty for the rows before it), so each
+    event costs the same however long the training has run.
     """
 
     def __init__(self, name: str = "MicroCTSynth training losses", scene=None):
@@ -489,9 +491,14 @@ class LossChart:
         self.chart_node.SetTitle("Training losses")
         self.chart_node.SetXAxisTitle("step")
         self.chart_node.SetYAxisTitle("loss")
-        self.rows: list[dict] = []
         self.terms: list[str] = []
         self.series: dict[str, object] = {}
+        self._columns: dict[str, object] = {"step": self._add_column("step", 0)}
+
+    @property
+    def rows(self) -> int:
+        """The number of rows (events with losses) so far."""
+        return int(self._columns["step"].GetNumberOfTuples())
 
     @staticmethod
     def loss_fields(event: dict) -> dict:
@@ -499,39 +506,44 @@ class LossChart:
                 if k.startswith(LOSS_PREFIXES) and isinstance(v, (int, float)) and not isinstance(v, bool)
                 and np.isfinite(v)}
 
+    def _add_column(self, term: str, rows: int):
+        column = vtk.vtkDoubleArray()
+        column.SetName(term)
+        for _ in range(rows):
+            column.InsertNextValue(float("nan"))
+        self.table_node.GetTable().AddColumn(column)
+        return column
+
     def append(self, event: dict) -> bool:
         """Add a row from a training progress event; ``False`` if it carries no loss."""
         losses = self.loss_fields(event)
         if not losses:
             return False
-        step = event.get("step", len(self.rows) + 1)
-        self.rows.append({"step": float(step), **losses})
+        rows = self.rows
+        step = float(event.get("step", rows + 1))
         new_terms = [k for k in losses if k not in self.terms]
-        self.terms.extend(new_terms)
-        self._refresh(rebuild=bool(new_terms))
-        return True
-
-    def _refresh(self, rebuild: bool) -> None:
-        columns = _table_columns(self.table_node, [("step", "double")] + [(t, "double") for t in self.terms])
-        for row in self.rows:
-            columns[0].InsertNextValue(row["step"])
-            for column, term in zip(columns[1:], self.terms):
-                column.InsertNextValue(row.get(term, float("nan")))
+        for term in new_terms:
+            self._columns[term] = self._add_column(term, rows)
+            self.terms.append(term)
+        self._columns["step"].InsertNextValue(step)
+        for term in self.terms:
+            self._columns[term].InsertNextValue(losses.get(term, float("nan")))
         self.table_node.GetTable().Modified()
         self.table_node.Modified()
-        if rebuild:
-            for term in self.terms:
-                if term in self.series:
-                    continue
-                series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", self.scene.GenerateUniqueName(term))
-                series.SetAndObserveTableNodeID(self.table_node.GetID())
-                series.SetXColumnName("step")
-                series.SetYColumnName(term)
-                series.SetPlotType(series.PlotTypeScatter)
-                series.SetMarkerStyle(series.MarkerStyleNone)
-                series.SetColor(*CURVE_COLORS[len(self.series) % len(CURVE_COLORS)])
-                self.chart_node.AddAndObservePlotSeriesNodeID(series.GetID())
-                self.series[term] = series
+        for term in new_terms:
+            self._add_series(term)
+        return True
+
+    def _add_series(self, term: str) -> None:
+        series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", self.scene.GenerateUniqueName(term))
+        series.SetAndObserveTableNodeID(self.table_node.GetID())
+        series.SetXColumnName("step")
+        series.SetYColumnName(term)
+        series.SetPlotType(series.PlotTypeScatter)
+        series.SetMarkerStyle(series.MarkerStyleNone)
+        series.SetColor(*CURVE_COLORS[len(self.series) % len(CURVE_COLORS)])
+        self.chart_node.AddAndObservePlotSeriesNodeID(series.GetID())
+        self.series[term] = series
 
     def remove(self) -> None:
         """Take the chart, its curves and its table out of the scene."""
@@ -541,7 +553,10 @@ class LossChart:
         self.series = {}
 
     def values(self, term: str) -> list[float]:
-        return [row.get(term, float("nan")) for row in self.rows]
+        column = self._columns.get(term)
+        if column is None:
+            return [float("nan")] * self.rows
+        return [column.GetValue(i) for i in range(self.rows)]
 
 
 # -- the console logic ----------------------------------------------------------------------------
@@ -625,43 +640,66 @@ class MicroCTSynthSceneLogic:
 
     # -- 2. registration --------------------------------------------------------------------
     def register(self, ctNode, microCTNode, initialTransform=None, landmarksFixed=None, landmarksMoving=None,
-                 affine: bool = False, downsample: int = 1, progress: str = "none"):
+                 affine: bool = False, downsample: int = 1, wait: bool = True):
         """Register the CT (moving) onto the micro-CT (fixed) with Mattes mutual information.
 
         ``initialTransform``: a linear transform node (default: the one the CT is under, e.g.
         a manual alignment); or ``landmarksFixed`` / ``landmarksMoving``: markups point lists
-        in the micro-CT and the CT. Returns ``(transformNode, resampledCTNode)``: the
-        transform is applied to the CT node, and the resampled CT lies on the micro-CT grid.
+        in the micro-CT and the CT (they take the place of an initial transform). The
+        registration runs in the background (``microctsynth register``) like every long step.
+        Result: ``(transformNode, resampledCTNode)``: the transform is applied to the CT node,
+        and the resampled CT lies on the micro-CT grid. ``wait=False`` returns the running job.
         """
-        from . import registration
-
+        self._checkIdle()
         _scalar_volume(ctNode, "CT")
         _scalar_volume(microCTNode, "micro-CT")
-        ct = volume_from_node(ctNode, world=False)
-        microct = volume_from_node(microCTNode, world=True)
-        if initialTransform is None and landmarksFixed is None:
-            initialTransform = ctNode.GetParentTransformNode()
-            if initialTransform is not None and not initialTransform.IsLinear():
-                initialTransform = None
-        initial = sitk_transform_from_node(initialTransform) if initialTransform is not None else None
-        kwargs = {}
         if landmarksFixed is not None or landmarksMoving is not None:
             fixed_pts, moving_pts = points_lps_from_markups(landmarksFixed), points_lps_from_markups(landmarksMoving)
             if len(fixed_pts) < 3 or len(fixed_pts) != len(moving_pts):
                 raise MicroCTSynthError("Landmark registration needs the same three or more points in the micro-CT and the CT.")
-            kwargs = {"landmarks_fixed": fixed_pts, "landmarks_moving": moving_pts}
-        transform = registration.register(microct, ct, initial=initial, affine=affine, progress=progress, **kwargs)
-        resampled = registration.resample(ct, microct, transform, interpolator="linear", downsample=downsample)
+            initialTransform = None
+        else:
+            fixed_pts = moving_pts = None
+            if initialTransform is None:
+                initialTransform = ctNode.GetParentTransformNode()
+                if initialTransform is not None and not initialTransform.IsLinear():
+                    initialTransform = None
+        folder = self.jobDir("register")
+        out_transform, out_resampled = folder / "ct_to_microct.tfm", folder / "ct_registered.nrrd"
+        args = ["--fixed", str(self._writeVolume(microCTNode, folder / "microct.nrrd", world=True)),
+                "--moving", str(self._writeVolume(ctNode, folder / "ct.nrrd", world=False)),
+                "--out-transform", str(out_transform), "--out-resampled", str(out_resampled)]
+        if fixed_pts is not None:
+            for flag, points, name in (("--landmarks-fixed", fixed_pts, "fixed"), ("--landmarks-moving", moving_pts, "moving")):
+                path = folder / f"landmarks_{name}.csv"
+                path.write_text("".join(",".join(f"{v:.6f}" for v in p) + "\n" for p in points))
+                args += [flag, str(path)]
+        elif initialTransform is not None:
+            args += ["--init", str(write_transform_from_node(initialTransform, folder / "initial.tfm"))]
+        if affine:
+            args.append("--affine")
+        if int(downsample) > 1:
+            args += ["--downsample", str(int(downsample))]
         # Registering again refines the transform this method made; a user's own initial
         # transform (a manual alignment) is left as it was.
         reused = initialTransform if (initialTransform is not None and initialTransform.GetScene() is self.scene
                                       and initialTransform.GetAttribute(REGISTRATION_ATTRIBUTE)) else None
         name = f"{ctNode.GetName()} to {microCTNode.GetName()}"
-        transformNode = transform_node_from_sitk(transform, name, self.scene, node=reused)
-        transformNode.SetAttribute(REGISTRATION_ATTRIBUTE, "1")
-        ctNode.SetAndObserveTransformNodeID(transformNode.GetID())
-        resampledNode = node_from_volume(resampled, f"{ctNode.GetName()} registered", self.scene)
-        return transformNode, resampledNode
+
+        def on_result(job: Job):
+            # Read both outputs before touching the scene, so that a bad file adds no node.
+            try:
+                transform = sitk.ReadTransform(str(job.outputs.get("transform", out_transform)))
+            except RuntimeError:
+                raise MicroCTSynthError("The registration wrote no transform SimpleITK can read.") from None
+            resampled = read_volume(job.outputs.get("resampled", out_resampled), "The registered CT")
+            transformNode = transform_node_from_sitk(transform, name, self.scene, node=reused)
+            transformNode.SetAttribute(REGISTRATION_ATTRIBUTE, "1")
+            ctNode.SetAndObserveTransformNodeID(transformNode.GetID())
+            resampledNode = node_from_volume(resampled, f"{ctNode.GetName()} registered", self.scene)
+            return transformNode, resampledNode
+
+        return self._startJob("register", args, on_result, wait, onFinish=lambda job: shutil.rmtree(folder, ignore_errors=True))
 
     # -- 3. tissue map ----------------------------------------------------------------------
     def tissueMap(self, microCTNode, closingRadiusMm: float | None = None, name: str | None = None):

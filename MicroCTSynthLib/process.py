@@ -17,7 +17,9 @@ A reader thread parses each stdout line (one JSON object, see :mod:`progress`) i
 
 States: ``idle`` -> ``running`` -> ``importing`` (the caller's ``on_result`` loads outputs)
 -> ``done``; ``failed`` with :attr:`Job.error`, the job's own ``error`` sentence when it gave
-one; ``cancelling`` -> ``cancelled``. Plain Python: no Slicer, no Qt.
+one; ``cancelling`` -> ``cancelled``. A callback of the caller that raises fails the job with
+its sentence (:meth:`Job.fail`), so the user sees that error rather than "cancelled". Plain
+Python: no Slicer, no Qt.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ class Job:
 
     #: stderr lines kept for the error message of a job that failed without an ``error`` event
     STDERR_LINES = 50
+    #: events kept in :attr:`events` (the latest ones): a training of hours must not fill memory
+    EVENTS_KEPT = 1000
 
     def __init__(self, command: list[str], on_event: Callable[[dict], None] | None = None,
                  on_result: Callable[["Job"], object] | None = None, cwd=None, env: dict | None = None,
@@ -134,7 +138,7 @@ class Job:
         self.cwd = cwd
         self.env = engine_environment() if env is None else env
         self.state = JobState.IDLE
-        self.events: list[dict] = []
+        self.events: deque[dict] = deque(maxlen=self.EVENTS_KEPT)
         self.progress: dict = {}
         self.outputs: dict = {}
         self.error: str | None = None
@@ -147,6 +151,7 @@ class Job:
         self._queue: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._stdout_done = False
+        self._failure: str | None = None
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> "Job":
@@ -210,7 +215,7 @@ class Job:
         """Handle the queued events (callbacks run here); ``True`` while the job is not finished."""
         if self.state in (JobState.IDLE,) or self.state.finished:
             return not self.state.finished and self.state != JobState.IDLE
-        while True:
+        while not self.state.finished:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -218,8 +223,12 @@ class Job:
             if item is _EOF:
                 self._stdout_done = True
                 continue
-            self._handle(item)
-        if self._stdout_done and self._process.poll() is not None:
+            try:
+                self._handle(item)
+            except Exception as exc:  # the caller's on_event failed: the job fails with its sentence
+                self.fail(str(exc) if isinstance(exc, MicroCTSynthError)
+                          else f"Showing the job's progress failed: {type(exc).__name__}: {exc}")
+        if not self.state.finished and self._stdout_done and self._process.poll() is not None:
             self._finish()
         return not self.state.finished
 
@@ -248,7 +257,10 @@ class Job:
         self.returncode = self._process.returncode
         self.ended_at = time.monotonic()
         if self.state == JobState.CANCELLING:
-            self.state = JobState.CANCELLED
+            if self._failure is not None:
+                self.state, self.error = JobState.FAILED, self._failure
+            else:
+                self.state = JobState.CANCELLED
             return
         if self.returncode != 0:
             self.state = JobState.FAILED
@@ -276,6 +288,15 @@ class Job:
         return self.state
 
     # -- cancel -----------------------------------------------------------------------------
+    def fail(self, message: str) -> None:
+        """End the job as failed with ``message`` (e.g. a callback of the caller raised): the
+        process tree is stopped as by :meth:`cancel` and no result is loaded."""
+        if self._process is None or self.state.finished:
+            self.state, self.error = JobState.FAILED, message
+            return
+        self._failure = message
+        self.cancel()
+
     def cancel(self, grace: float = 2.0) -> None:
         """Stop the job and every process it started; no result is loaded."""
         if self._process is None or self.state.finished:

@@ -11,6 +11,13 @@ line of stdout, flushed at once, so a reader of the pipe sees it immediately::
 
 Keys other than ``event``, ``task``, ``step``, ``total``, ``seconds_left`` are the job's own
 fields (losses, epoch, ...). Plain-text logs go to stderr in ``bar`` mode.
+
+JSON progress comes at a sane rate: an update is printed when at least
+:attr:`Progress.min_interval` seconds (0.25) have passed since the last one printed, and
+always for the first step, the last step and an update with ``force=True`` (a training's
+epoch summary), so a reader never falls behind a job that counts fast steps for hours.
+A job that has fields worth averaging over the skipped steps asks :meth:`Progress.due`
+first (the training averages its losses over the iterations since the last line).
 """
 
 from __future__ import annotations
@@ -43,12 +50,19 @@ def emit_json(event: str, stream=None, **fields) -> None:
 class Progress:
     """Reports steps of one task; ``with Progress(...) as p: p.update(loss=...)``."""
 
-    def __init__(self, total: int | None = None, task: str = "", mode: str = "bar", unit: str = "step"):
+    #: Seconds between two JSON progress lines (first, last and forced updates excepted).
+    min_interval = 0.25
+
+    def __init__(self, total: int | None = None, task: str = "", mode: str = "bar", unit: str = "step",
+                 min_interval: float | None = None):
         if mode not in MODES:
             raise ValueError(f"Progress mode must be one of {', '.join(MODES)}, not {mode!r}.")
         self.total, self.task, self.mode, self.unit = total, task, mode, unit
+        if min_interval is not None:
+            self.min_interval = float(min_interval)
         self.step = 0
         self.start = time.monotonic()
+        self._last_emit: float | None = None
         self._bar = None
         if mode == "bar":
             from tqdm.auto import tqdm
@@ -62,15 +76,30 @@ class Progress:
         elapsed = time.monotonic() - self.start
         return elapsed / self.step * max(self.total - self.step, 0)
 
-    def update(self, n: int = 1, **fields) -> None:
-        self.step += n
+    def due(self, n: int = 1) -> bool:
+        """Whether an update by ``n`` steps now would be reported (always in ``bar`` mode)."""
+        if self.mode != "json":
+            return self.mode == "bar"
+        if self._last_emit is None or (self.total and self.step + n >= self.total):
+            return True
+        return time.monotonic() - self._last_emit >= self.min_interval
+
+    def update(self, n: int = 1, force: bool = False, **fields) -> None:
+        """Count ``n`` steps; in ``json`` mode print them when :meth:`due` (or ``force``)."""
         if self.mode == "json":
+            report = force or self.due(n)
+            self.step += n
+            if not report:
+                return
+            self._last_emit = time.monotonic()
             left = self.seconds_left
             emit_json(
                 "progress", task=self.task, step=self.step, total=self.total,
                 seconds_left=None if left is None else round(left, 1), **fields,
             )
-        elif self._bar is not None:
+        else:
+            self.step += n
+        if self._bar is not None:
             if fields:
                 self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items()}, refresh=False)
             self._bar.update(n)

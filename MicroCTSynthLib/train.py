@@ -469,6 +469,9 @@ def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_dec
             sampler.set_epoch(epoch)
             epoch_lr = optimizer_G.param_groups[0]["lr"]
             sums: dict[str, float] = {}
+            # Losses since the last progress line: a line reports their mean, not one iteration's.
+            window: dict[str, float] = {}
+            window_steps = 0
             start = time.monotonic()
             for step, batch in enumerate(loader):
                 real_A = batch["real_A"].to(dev, non_blocking=True)
@@ -482,7 +485,14 @@ def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_dec
                 if writer is not None:
                     for k, v in terms.items():
                         writer.add_scalar(f"loss/{k}", v, global_step)
-                bar.update(1, epoch=epoch + 1, lr=epoch_lr, **{k: round(v, 5) for k, v in terms.items()})
+                for k, v in terms.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_steps += 1
+                end_of_epoch = step + 1 == steps_per_epoch
+                if end_of_epoch or bar.due(window_steps):
+                    bar.update(window_steps, force=end_of_epoch, epoch=epoch + 1, lr=epoch_lr, iterations=window_steps,
+                               **{k: round(v / window_steps, 5) for k, v in window.items()})
+                    window, window_steps = {}, 0
             scheduler_G.step()
             scheduler_D.step()
             seconds = time.monotonic() - start
@@ -517,7 +527,7 @@ def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_dec
                                    f"epoch {done}" + (f", validation loss {entry['val_loss']:.4f}" if entry["val_loss"] is not None else ""))
                     _save_curve(files.curve, history, model)
                 write_json(files.history, history)
-                bar.update(0, epoch=done, lr=epoch_lr, seconds_per_iteration=entry["seconds_per_iteration"],
+                bar.update(0, force=True, epoch=done, lr=epoch_lr, seconds_per_iteration=entry["seconds_per_iteration"],
                            **{k: entry[k] for k in ("val_loss", "val_L1", "val_perceptual", "val_dice") if entry.get(k) is not None})
                 if entry["val_loss"] is not None:
                     bar.log(f"epoch {done}: validation loss {entry['val_loss']:.4f}" + (" (best so far)" if is_best else ""))

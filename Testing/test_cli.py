@@ -81,3 +81,27 @@ def test_negative_roi_centre_is_a_value():
          "--roi", "-12.3,4,-5", "6"]
     )
     assert args.roi == ["-12.3,4,-5", "6"]
+
+
+def test_json_progress_comes_at_a_sane_rate(monkeypatch, capsys):
+    """JSON progress lines: the first and the last step, forced ones, and otherwise at most one
+    per ``min_interval`` seconds, however fast the steps come."""
+    import json
+
+    from MicroCTSynthLib import progress as progress_module
+
+    clock = [100.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
+    bar = progress_module.Progress(total=1000, task="train", mode="json")
+    for step in range(1, 1001):
+        clock[0] += 0.01  # 100 steps a second
+        if step == 500:
+            bar.update(1, force=True, epoch=1)
+        else:
+            bar.update(1)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    steps = [line["step"] for line in lines]
+    assert steps[0] == 1 and steps[-1] == 1000 and 500 in steps
+    assert 40 <= len(lines) <= 45  # 10 s of work at 4 lines a second, plus the forced and last ones
+    assert all(b - a <= 26 for a, b in zip(steps, steps[1:]))
+    assert not progress_module.Progress(total=3, mode="none").due()

@@ -178,7 +178,9 @@ def test_cmake_lists_name_existing_files():
     assert files
     for f in files:
         assert (MODULE_DIR / f).is_file(), f"MicroCTSynth/CMakeLists.txt names a missing file {f}"
-    assert (ROOT / "Resources" / "presets").glob("*.json")
+    # The engine's package data is installed with its scripts: presets now, shipped models later.
+    assert "MicroCTSynthLib/Resources/presets/*.json" in module and "MicroCTSynthLib/Resources/models/*" in module
+    assert sorted(p.name for p in (ENGINE / "Resources" / "presets").glob("*.json")) == ["paper.json", "quick.json", "tiny.json"]
 
 
 @pytest.mark.parametrize("icon", [MODULE_DIR / "Resources" / "Icons" / "MicroCTSynth.png", ROOT / "Resources" / "Icons" / "MicroCTSynth.png"])
@@ -186,3 +188,71 @@ def test_icons_are_128_pixel_pngs(icon):
     head = icon.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", head[16:24]) == (128, 128)
+
+
+def _engine_imports(module: str) -> tuple[set[str], set[str]]:
+    """(engine modules, outside import names) a module of the engine imports, anywhere in it."""
+    internal, external = set(), set()
+    for node in ast.walk(ast.parse((ENGINE / f"{module}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            internal |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            external.add(node.module)
+        elif isinstance(node, ast.Import):
+            external |= {a.name for a in node.names}
+    return internal, external
+
+
+#: The engine modules each step of the panel runs (in Slicer's process or as the job's command).
+STEP_MODULES = {
+    "register": ["cli", "registration"], "tissueMap": ["tissue"], "addCase": ["dataset", "registration", "tissue"],
+    "train": ["cli", "train"], "synthesize": ["cli", "synthesize"], "atlas": ["cli", "atlas"], "compare": ["metrics"],
+}
+#: Import name -> the distribution the module installs (numpy, vtk, slicer come with Slicer).
+DISTRIBUTIONS = {"torch.utils.tensorboard": "tensorboard", "torch": "torch", "SimpleITK": "SimpleITK", "skimage": "scikit-image",
+                 "scipy": "scipy", "tqdm": "tqdm", "matplotlib": "matplotlib", "tensorboard": "tensorboard"}
+
+
+def test_each_step_asks_for_exactly_the_packages_its_engine_modules_import(module_tree):
+    """STEP_PACKAGES of MicroCTSynth.py against the imports of the engine modules each step runs
+    (followed through the engine): no step waits for a package it never uses, none lacks one."""
+    declared = next(ast.literal_eval(n.value) for n in module_tree.body if isinstance(n, ast.Assign)
+                    and getattr(n.targets[0], "id", "") == "STEP_PACKAGES")
+    for step, modules in STEP_MODULES.items():
+        seen, todo, needed = set(), list(modules), set()
+        while todo:
+            module = todo.pop()
+            if module in seen or not (ENGINE / f"{module}.py").is_file():
+                continue
+            seen.add(module)
+            internal, external = _engine_imports(module)
+            todo += sorted(internal)
+            for name in external:
+                for prefix in sorted(DISTRIBUTIONS, key=len, reverse=True):
+                    if name == prefix or name.startswith(prefix + "."):
+                        needed.add(DISTRIBUTIONS[prefix])
+                        break
+        assert set(declared[step]) == needed, f"{step}: declared {sorted(declared[step])}, its modules import {sorted(needed)}"
+
+
+REPOSITORY = "https://github.com/microctsynth/SlicerMicroCTSynth"
+RAW_FILES = "https://raw.githubusercontent.com/microctsynth/SlicerMicroCTSynth/main/"
+
+
+def test_extension_metadata_is_what_the_extensions_index_accepts():
+    """Homepage, icon and screenshots are https addresses of this repository (the icon and the
+    screenshots of files it holds); category, contributors and description are filled in."""
+    top = (ROOT / "CMakeLists.txt").read_text()
+    meta = dict(re.findall(r'set\((EXTENSION_[A-Z_]+) "([^"]*)"\)', top))
+    assert meta["EXTENSION_HOMEPAGE"] == REPOSITORY
+    assert meta["EXTENSION_CATEGORY"] and meta["EXTENSION_CONTRIBUTORS"] and len(meta["EXTENSION_DESCRIPTION"]) > 40
+    screenshots = meta["EXTENSION_SCREENSHOTURLS"].split()
+    assert screenshots
+    for url in [meta["EXTENSION_ICONURL"], *screenshots]:
+        assert url.startswith(RAW_FILES), f"{url} is not an https address of a file of this repository"
+        path = ROOT / url[len(RAW_FILES):]
+        assert path.is_file(), f"{url} names {path}, which does not exist"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "docs/images/module_panel.png" in meta["EXTENSION_SCREENSHOTURLS"]
+    readme = (ROOT / "README.md").read_text()
+    assert REPOSITORY in readme

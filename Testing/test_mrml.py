@@ -261,6 +261,24 @@ def test_loss_chart_grows_with_training_events(scene):
     assert chart.values("G_GAN") == [0.7, 0.6]
 
 
+def test_loss_chart_appends_rows_without_rebuilding_its_table(scene):
+    """An event adds one row to the same columns: the cost of an event does not grow with the
+    rows before it (hours of training stream thousands of events into the chart)."""
+    chart = mrml.LossChart("losses", scene)
+    chart.append({"event": "progress", "step": 1, "G_L1": 0.5})
+    table = chart.table_node.GetTable()
+    step_column, loss_column = table.GetColumnByName("step").__this__, table.GetColumnByName("G_L1").__this__
+    for step in range(2, 2001):
+        chart.append({"event": "progress", "step": step, "G_L1": 1.0 / step})
+    assert chart.rows == table.GetNumberOfRows() == 2000
+    assert table.GetColumnByName("step").__this__ == step_column and table.GetColumnByName("G_L1").__this__ == loss_column
+    assert table.GetColumnByName("G_L1").GetValue(1999) == pytest.approx(1 / 2000)
+    # A term that arrives late gets a column, empty for the rows before it, and a curve.
+    chart.append({"event": "progress", "step": 2001, "G_L1": 0.1, "val_loss": 0.9})
+    assert chart.values("val_loss")[-1] == pytest.approx(0.9) and np.isnan(chart.values("val_loss")[:2000]).all()
+    assert chart.chart_node.GetNumberOfPlotSeriesNodes() == 2 and table.GetNumberOfRows() == 2001
+
+
 def test_job_summary_line():
     from MicroCTSynthLib.process import Job, JobState
 

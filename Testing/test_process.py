@@ -183,3 +183,35 @@ def test_on_finish_runs_once_whatever_the_end(tmp_path, body, state):
     assert job.wait(timeout=60) == state
     job.poll()
     assert ended == [state]
+
+
+def test_the_event_history_is_bounded(tmp_path):
+    """A job that reports for hours keeps only its latest events; progress and outputs stay whole."""
+    child = tmp_path / "child.py"
+    child.write_text(textwrap.dedent("""
+        import json
+        for i in range(1, 3001):
+            print(json.dumps({"event": "progress", "step": i, "total": 3000}))
+        print(json.dumps({"event": "result", "outputs": {"out": "x"}}))
+    """))
+    job = Job([sys.executable, str(child)]).start()
+    assert job.wait(timeout=60) == JobState.DONE
+    assert len(job.events) == Job.EVENTS_KEPT < 3001
+    assert job.events[-1]["event"] == "result" and job.events[-2]["step"] == 3000
+    assert job.progress["step"] == 3000 and job.outputs == {"out": "x"}
+
+
+def test_a_failing_event_callback_fails_the_job_with_its_sentence(tmp_path):
+    """The caller's on_event raising stops the job and every process it started, and the job
+    ends failed with that error (a user must not read "cancelled"); on_finish runs once."""
+    finished = []
+
+    def on_event(event):
+        raise ValueError("the chart is gone")
+
+    child = "import json, time; print(json.dumps({'event': 'progress', 'step': 1}), flush=True); time.sleep(60)"
+    job = Job([sys.executable, "-c", child], on_event=on_event, on_finish=finished.append).start()
+    start = time.monotonic()
+    assert job.wait(timeout=30) == JobState.FAILED and time.monotonic() - start < 30
+    assert job.error == "Showing the job's progress failed: ValueError: the chart is gone"
+    assert finished == [job] and job.returncode is not None

@@ -156,8 +156,11 @@ def install_stand_ins(set_module) -> None:
     the parameter node wrapper, translation), installed with ``set_module(name, module)``."""
     import types
 
+    import unittest
+
     qt = types.ModuleType("qt")
     qt.QTimer = object
+    qt.Qt = types.SimpleNamespace(WaitCursor=3)  # what slicer.util.tryWithErrorDisplay(waitCursor=True) reads
     base = types.ModuleType("slicer.ScriptedLoadableModule")
 
     class ScriptedLoadableModuleLogic:  # as Slicer's: cooperative __init__, module name from the class
@@ -165,8 +168,15 @@ def install_stand_ins(set_module) -> None:
             super().__init__()
             self.moduleName = self.__class__.__name__.removesuffix("Logic")
 
+    class ScriptedLoadableModuleTest(unittest.TestCase):  # as Slicer's: a TestCase that can show messages
+        messages: list = []
+
+        def delayDisplay(self, message, msec=None):
+            self.messages.append(message)
+
     base.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"):
+    base.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget"):
         setattr(base, name, type(name, (), {}))
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
     wrapper.parameterNodeWrapper = lambda cls: cls
@@ -268,20 +278,18 @@ class _Timer:
 
 def _panel(module, logic, monkeypatch):
     """The module's widget without Qt: stand-in widgets, a parameter node with nothing chosen."""
-    import contextlib
+    import tempfile
     import types
 
-    errors = []
-
-    @contextlib.contextmanager
-    def try_with_error_display(message, waitCursor=False):
-        try:
-            yield
-        except Exception as exc:  # shown as a pop-up in Slicer
-            errors.append(f"{message} {exc}")
-
-    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", try_with_error_display, raising=False)
+    errors, asked = [], []
+    # Slicer's own slicer.util.tryWithErrorDisplay (slicer-core ships Slicer's util.py): it shows
+    # the error and re-raises. Only the application's pop-ups and cursor are stood in for.
+    app = types.SimpleNamespace(testingEnabled=lambda: False, setOverrideCursor=lambda cursor: None,
+                                restoreOverrideCursor=lambda: None, temporaryPath=tempfile.mkdtemp(prefix="slicer-app-"))
+    monkeypatch.setattr(slicer, "app", app, raising=False)
     monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: errors.append(text), raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **kw: asked.append(text) or False, raising=False)
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kw: None, raising=False)
     widget = module.MicroCTSynthWidget.__new__(module.MicroCTSynthWidget)
     names = ["placeRoiButton", "registerButton", "tissueMapButton", "addCaseButton", "compareButton", "trainButton",
              "resumeButton", "synthesizeButton", "atlasButton", "progressBar", "statusLabel"]
@@ -292,6 +300,7 @@ def _panel(module, logic, monkeypatch):
     widget.logic, widget._timer = logic, _Timer()
     widget._job = widget._jobButton = widget._jobDone = None
     widget._jobButtonText = ""
+    widget.asked = asked
     return widget, errors
 
 
@@ -344,4 +353,105 @@ def test_panel_cancel_and_failure(module_file, scene, tmp_path, monkeypatch):
     assert errors == ["The CT is empty."] and widget.ui.statusLabel.text == "The CT is empty." and shown == []
 
     widget._startOrCancel(button, lambda: module_file.MicroCTSynthLogic().synthesize(None, "missing.pt"))
-    assert errors[-1] == "The job could not start. Select the CT volume first." and widget._job is None
+    # Shown once, as Slicer shows it: the panel's message, then the error's own sentence.
+    assert errors[-1] == "The job could not start.\n\nSelect the CT volume first." and len(errors) == 2
+    assert widget._job is None and "Select the CT volume first." in widget.ui.statusLabel.text
+
+
+def test_panel_shows_an_error_of_the_results_once_and_stays_usable(module_file, scene, tmp_path, monkeypatch):
+    """Slicer's tryWithErrorDisplay re-raises after showing: the panel catches it after the one
+    pop-up, so the status line and the buttons are still brought up to date."""
+    from MicroCTSynthLib.process import Job
+
+    widget, errors = _panel(module_file, module_file.MicroCTSynthLogic(), monkeypatch)
+    refreshed = []
+    real_check = widget._checkCanApply
+    monkeypatch.setattr(widget, "_checkCanApply", lambda *a: refreshed.append(1) or real_check())
+
+    def done(result):
+        raise RuntimeError("the volume node went away")
+
+    widget._startOrCancel(widget.ui.trainButton, lambda: (Job([sys.executable, "-c", "pass"]).start(), done))
+    while widget._timer.active:
+        widget._onTimer()
+    assert errors == ["The results could not be shown.\n\nthe volume node went away"]
+    assert widget.ui.statusLabel.text == "The results could not be shown. the volume node went away"
+    assert widget._job is None and widget.ui.trainButton.text == "Train" and refreshed
+
+    # An error inside a progress callback fails the job with that error: not "Cancelled".
+    def bad_event(event):
+        raise ValueError("bad progress field")
+
+    child = "import json, time; print(json.dumps({'event': 'progress', 'step': 1, 'total': 2}), flush=True); time.sleep(30)"
+    widget._startOrCancel(widget.ui.trainButton, lambda: (Job([sys.executable, "-c", child], on_event=bad_event).start(), done))
+    while widget._timer.active:
+        widget._onTimer()
+    assert errors[-1] == "Showing the job's progress failed: ValueError: bad progress field"
+    assert widget.ui.statusLabel.text == errors[-1] and len(errors) == 2
+
+
+def test_each_button_asks_only_for_the_packages_of_its_step(module_file, scene, monkeypatch):
+    """Without torch, registering needs no install; training asks (and stops when declined)."""
+    import importlib.util
+
+    module = module_file
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    logic = module.MicroCTSynthLogic()
+    assert logic.missingPackages("register") == [] and logic.missingPackages("compare") == []
+    assert logic.missingPackages("train") == ["torch"] and logic.missingPackages("selfTest") == ["torch"]
+    widget, errors = _panel(module, logic, monkeypatch)
+    assert widget._ready("register") and widget.asked == []
+    widget._startOrCancel(widget.ui.trainButton, widget.onTrain)  # the user declines the install
+    assert len(widget.asked) == 1 and "torch" in widget.asked[0] and widget._job is None and errors == []
+    with pytest.raises(Exception, match="Unknown step"):
+        logic.missingPackages("paint")
+
+
+def test_register_button_runs_in_the_background(module_file, scene, specimen, monkeypatch):
+    from MicroCTSynthLib import mrml
+
+    module = module_file
+    widget, errors = _panel(module, module.MicroCTSynthLogic(), monkeypatch)
+    p = widget._parameterNode
+    p.ctVolume = mrml.node_from_volume(specimen.ct, "CT", scene)
+    p.microCTVolume = mrml.node_from_volume(specimen.microct, "micro-CT", scene)
+    widget._checkCanApply()
+    button = widget.ui.registerButton
+    assert button.enabled
+    widget._startOrCancel(button, widget.onRegister)
+    assert button.text == "Cancel" and widget._job is not None and widget._job.command[3] == "register"
+    assert p.registrationTransform is None  # nothing in the scene until the job is done
+    while widget._timer.active:
+        widget._onTimer()
+    assert errors == [] and button.text == "Register"
+    assert p.ctVolume.GetParentTransformNode() is p.registrationTransform is not None
+    assert mrml.volume_from_node(p.registeredCT).same_geometry(specimen.microct)
+    assert widget.ui.statusLabel.text.startswith("Registered")
+
+
+def test_self_test_makes_sure_of_its_packages_first(module_file, scene, monkeypatch, tmp_path):
+    """On a fresh Slicer the self-test installs what the scenario needs, as the panel would, or
+    stops with one sentence naming what is missing, before any step runs."""
+    import MicroCTSynthTesting.scenario as scenario
+
+    module = module_file
+    installed, ran = [], []
+    present = {"torch": False}
+    monkeypatch.setattr(module.MicroCTSynthLogic, "missingPackages",
+                        staticmethod(lambda step=None: [n for n, ok in present.items() if not ok]))
+    monkeypatch.setattr(module.MicroCTSynthLogic, "installPackages", staticmethod(lambda packages: installed.append(list(packages))))
+    monkeypatch.setattr(scenario, "run_scenario", lambda logic, folder, log: ran.append(folder) or {"dice": {}})
+    answers = [False]
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **kw: answers[-1], raising=False)
+    test = module.MicroCTSynthTest()
+    with pytest.raises(module.MicroCTSynthError, match=r"needs these Python packages: torch; accept"):
+        test.test_MicroCTSynth_scenario()  # the install declined: nothing installed, nothing run
+    assert installed == [] and ran == []
+    answers.append(True)  # as Slicer answers in testing mode
+    with pytest.raises(module.MicroCTSynthError, match=r"missing and could not be installed: torch\."):
+        test.test_MicroCTSynth_scenario()
+    assert installed == [["torch"]] and ran == []
+    present["torch"] = True  # the install worked this time
+    test.test_MicroCTSynth_scenario()
+    assert len(ran) == 1 and test.messages[-1] == "Test passed"
