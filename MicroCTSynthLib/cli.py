@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         return _fail(args.command, "This computer ran out of memory; use a smaller preset, region or patch size.", json_mode)
     except Terminated:
-        message = "stopped by SIGTERM; every file written so far is complete (continue a training run with --resume)"
+        message = "stopped by SIGTERM; every file written so far is complete (continue a training run with --resume)."
         return _fail(args.command, message, json_mode, EXIT_SIGTERM, "")
     except KeyboardInterrupt:
         print(f"microctsynth {args.command}: interrupted", file=sys.stderr)

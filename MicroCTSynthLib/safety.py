@@ -5,8 +5,8 @@
   that no longer runs (killed, crashed machine) is taken over, and the user is told.
 * :func:`check_outputs` - an output path that equals an input (or another output), or names a
   folder, is refused before any work starts.
-* :func:`clean_stale_parts` - the temporary ``.NAME.PID-XXXX.part`` files an atomic write leaves
-  when its process is killed mid-write are removed once that process is gone.
+* :func:`clean_stale_parts` - the temporary ``.NAME.PID@HOST-XXXX.part`` files an atomic write leaves
+  when its process is killed mid-write are removed once that process is gone (on this machine).
 * :func:`write_error` - an ``OSError`` of a write (full disk, read-only file system, no
   permission) as the user's sentence.
 """
@@ -26,8 +26,15 @@ from .errors import MicroCTSynthError
 
 LOCK_NAME = ".microctsynth.lock"
 
-#: ``.<name>.<pid>-<random>.part<suffix>``: the temporary file of an atomic write (volume.AtomicWrite).
-PART_PATTERN = re.compile(r"^\..+\.(\d+)-[A-Za-z0-9_]+\.part(\.[A-Za-z0-9.]+)?$")
+#: ``.<name>.<pid>@<host>-<random>.part<suffix>``: the temporary file of an atomic write (volume.AtomicWrite).
+PART_PATTERN = re.compile(r"^\..+\.(\d+)@([0-9a-f]{8})-[A-Za-z0-9_]+\.part(\.[A-Za-z0-9.]+)?$")
+
+
+def part_tag() -> str:
+    """``<pid>@<host>``: who writes a ``.part`` file (a shared folder may be written from several machines)."""
+    import hashlib
+
+    return f"{os.getpid()}@{hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]}"
 
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
@@ -74,13 +81,16 @@ def write_error(exc: OSError, path) -> MicroCTSynthError:
 def clean_stale_parts(folder) -> list[Path]:
     """Remove the ``.part`` files in ``folder`` whose writing process has died; returns them."""
     removed = []
+    host = part_tag().split("@")[1]
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
     for entry in entries:
         match = PART_PATTERN.match(entry.name)
-        if match is None or int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1))):
+        if match is None or match.group(2) != host:
+            continue  # not ours to judge: another machine's writer
+        if int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1))):
             continue
         try:
             if entry.is_dir(follow_symlinks=False):
@@ -116,6 +126,13 @@ class FolderLock:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise write_error(exc, self.folder) from None
+        try:
+            return self._acquire()
+        except BaseException:
+            self._drop_created_folder()
+            raise
+
+    def _acquire(self) -> "FolderLock":
         for _ in range(3):
             if self._create():
                 clean_stale_parts(self.folder)
@@ -142,8 +159,12 @@ class FolderLock:
             return False
         except OSError as exc:
             raise write_error(exc, self.path) from None
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(record))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(record))
+        except OSError as exc:  # a full disk: no half-written lock left behind
+            self.path.unlink(missing_ok=True)
+            raise write_error(exc, self.path) from None
         self.owned = True
         return True
 
@@ -169,11 +190,14 @@ class FolderLock:
         if self.owned:
             self._remove()
             self.owned = False
-            if self.created:
-                try:
-                    self.folder.rmdir()  # only if the job left it empty (it failed before writing anything)
-                except OSError:
-                    pass
+            self._drop_created_folder()
+
+    def _drop_created_folder(self) -> None:
+        if self.created:
+            try:
+                self.folder.rmdir()  # only if the job left it empty (it failed before writing anything)
+            except OSError:
+                pass
 
 
 def is_locked(folder) -> bool:

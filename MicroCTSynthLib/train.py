@@ -466,7 +466,7 @@ def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
                           normalization=None if checkpoint is None else Normalization.from_dict(checkpoint["normalization"]))
     train_set, val_set = data["train"], data["val"]
     if data.get("warning") and dist.main:
-        log(data["warning"], mode)
+        log(data["warning"], _loud(mode))
     normalization: Normalization = data["normalization"]
     generator, discriminator = build_networks(preset, model)
     if train_set.patch_size < discriminator.min_size:

@@ -261,7 +261,7 @@ def atomic_path(path) -> "AtomicWrite":
 class AtomicWrite:
     """``with AtomicWrite(p) as tmp: write(tmp)`` - ``tmp`` becomes ``p`` only if the block succeeds.
 
-    The temporary name ``.<name>.<pid>-<random>.part<suffix>`` carries the writer's pid, so that
+    The temporary name ``.<name>.<pid>@<host>-<random>.part<suffix>`` carries the writer's pid, so that
     the leftovers of a writer killed mid-write are removed by the next one (safety.clean_stale_parts).
     A failed write (full disk, read-only folder, no permission) ends in one sentence.
     """
@@ -270,7 +270,7 @@ class AtomicWrite:
         self.path = Path(path)
 
     def __enter__(self) -> Path:
-        from .safety import clean_stale_parts, write_error
+        from .safety import clean_stale_parts, part_tag, write_error
 
         if self.path.is_dir():
             raise MicroCTSynthError(f"Cannot write '{self.path}': it is a folder; give a file name.")
@@ -278,7 +278,7 @@ class AtomicWrite:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             clean_stale_parts(self.path.parent)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.{os.getpid()}-", suffix=f".part{suffix}",
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.{part_tag()}-", suffix=f".part{suffix}",
                                        dir=self.path.parent)
         except OSError as exc:
             raise write_error(exc, self.path) from None

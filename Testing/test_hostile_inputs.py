@@ -39,7 +39,7 @@ import torch
 from MicroCTSynthLib import cli
 from MicroCTSynthLib.checkpoint import load_checkpoint, save_checkpoint
 from MicroCTSynthLib.dataset import Dataset
-from MicroCTSynthLib.safety import LOCK_NAME
+from MicroCTSynthLib.safety import LOCK_NAME, part_tag
 from MicroCTSynthLib.volume import Volume, write_volume
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -367,6 +367,16 @@ def new_run_folder(W, S):
     return [str(S / "run"), str(S / "run" / "tensorboard"), str(S / "run" / "tensorboard") + os.sep]
 
 
+def ct_in_unit_range(W, S):
+    """A dataset whose registered CTs are scaled to [0, 1] instead of Hounsfield units."""
+    ds = Dataset.load(ds_copy(W, S))
+    for name in ds.cases:
+        path = ds.path(name, "ct_registered")
+        case = synthetic_case(32, seed=int(name[1:]))
+        path.unlink()
+        write_volume(_vol((case["ct_registered"] + 1000.0) / 4000.0), path)
+
+
 def escape_transform(W, S):
     ds_copy(W, S)
     (S / "outside.tfm").write_text("precious\n")
@@ -517,6 +527,13 @@ ROWS = [
         allowed=new_run_folder),
     Row("train-stale-lock-taken-over", "train", lambda W, S: tr(W, S), code=0, log="Took over the lock .* no longer runs",
         setup=lambda W, S: lock(S / "run", _dead_pid()), allowed=lambda W, S: [str(S / "run"), str(S / "run") + os.sep]),
+    Row("train-run-folder-on-a-full-disk", "train", lambda W, S: tr(W, S, out=S.full / "run"), "disk is full",
+        disk="full", process=True),
+    Row("train-run-folder-read-only", "train", lambda W, S: tr(W, S, out=S.ro / "run"), "read-only|no permission",
+        disk="read_only"),
+    Row("train-ct-not-in-hounsfield-units", "train", lambda W, S: tr(W, S, data=S / "ds"), code=0,
+        log="outside the CT window .* are the CTs in Hounsfield units", setup=ct_in_unit_range,
+        allowed=lambda W, S: [str(S / "run"), str(S / "run") + os.sep]),
     Row("train-negative-epochs", "train", lambda W, S: tr(W, S, epochs_constant=-1), "at least one epoch"),
     Row("train-unknown-group", "train", lambda W, S: tr(W, S, group="Z"), "Group 'Z' is not defined"),
     Row("train-out-is-a-file", "train", lambda W, S: tr(W, S, out=W.microct), "is not a folder"),
@@ -601,7 +618,8 @@ def parts(folder: Path) -> list:
 
 def plant_part(folder: Path, name: str = "last", suffix: str = ".pt") -> Path:
     """A leftover of a writer killed mid-write (its process is gone)."""
-    path = folder / f".{name}.{_dead_pid()}-abcd1234.part{suffix}"
+    host = part_tag().split("@")[1]
+    path = folder / f".{name}.{_dead_pid()}@{host}-abcd1234.part{suffix}"
     path.write_bytes(b"half a file")
     return path
 
