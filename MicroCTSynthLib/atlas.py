@@ -440,11 +440,11 @@ def command_atlas(args: argparse.Namespace) -> int:
     from .registration import read_transform
 
     dataset = Dataset.load(args.data)
-    names = args.atlases if args.atlases else dataset.group(args.group)["train"]
-    atlases = load_atlases(dataset, names)
+    target_transform = read_transform(args.target_transform) if args.target_transform else None
     target_ct = read_volume(args.ct, what="The target CT")
     reference = read_volume(args.reference_grid, what="The reference grid")
-    target_transform = read_transform(args.target_transform) if args.target_transform else None
+    names = args.atlases if args.atlases else dataset.group(args.group)["train"]
+    atlases = load_atlases(dataset, names)
     out = Path(args.out)
     start = time.monotonic()
     result = atlas_segment(target_ct, atlases, reference, target_transform=target_transform, progress=args.progress)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,36 @@ def save_checkpoint(path, state: dict) -> Path:
     return path
 
 
+#: A checkpoint is a zip archive whose members torch stores uncompressed; a member inflating to
+#: more than this many times its stored size is a compression bomb, refused before it is inflated.
+MAX_INFLATION = 20
+
+
+def check_archive(path: Path) -> None:
+    """Refuse a ``.pt`` archive whose members would inflate far beyond its size or beyond free memory."""
+    from .memory import GB, available_bytes
+
+    if not zipfile.is_zipfile(path):
+        return  # the legacy (pickle) format: torch.load refuses it or reads it at its own size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise MicroCTSynthError(f"The model file '{path}' is a damaged archive, not a MicroCTSynth checkpoint.") from None
+    total = sum(m.file_size for m in members)
+    packed = max(sum(m.compress_size for m in members), 1)
+    free = available_bytes()
+    if total > MAX_INFLATION * packed + (1 << 20) or (free is not None and total > free):
+        raise MicroCTSynthError(f"The model file '{path}' is refused: its {packed / 2 ** 20:.1f} MB would inflate to "
+                                f"{total / GB:.1f} GB, which no MicroCTSynth checkpoint does (a compression bomb).")
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """A checkpoint of ours, loaded with ``weights_only=True``; a clear error for anything else."""
     path = Path(path)
     if not path.is_file():
         raise MicroCTSynthError(f"The model file '{path}' does not exist: check the path.")
+    check_archive(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -94,10 +120,14 @@ def load_generator(path, device="cpu"):
     """The trained generator in eval mode and the checkpoint's metadata (everything but the state dicts)."""
     from .networks import Generator
 
+    from .memory import check_memory, parameter_count
+
     state = load_checkpoint(path, map_location="cpu")
     args = state["generator_args"]
     if not isinstance(args, dict):
         raise MicroCTSynthError(f"The model file '{path}' does not say how its generator was built.")
+    check_memory(4.0 * parameter_count(Generator, args), f"The generator the model file '{path}' describes "
+                 f"({', '.join(f'{k}={v}' for k, v in args.items())})", "this file was not made for this machine")
     try:
         generator = Generator(**args)
     except TypeError as exc:

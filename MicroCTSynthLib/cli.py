@@ -6,7 +6,13 @@ module's background process (``PythonSlicer -m MicroCTSynthLib ... --progress js
 Each command's arguments are declared here; the work is done by ``command_<name>(args)`` in
 the engine module named in :data:`COMMANDS`, imported only when that command runs so that
 ``--help`` answers at once. A :class:`MicroCTSynthError` ends the run with its sentence on
-stderr (and as a JSON ``error`` event with ``--progress json``) and exit status 2.
+stderr (and as a JSON ``error`` event with ``--progress json``) and exit status 2; so does a
+failed write (full disk, read-only folder) and a lack of memory. SIGTERM ends a job as Ctrl-C
+does: a message, every file written so far complete (writes are atomic), exit status 143.
+
+Before a command runs, :data:`FILES` names its inputs and outputs: an output that is an input,
+another output or a folder is refused (:func:`~MicroCTSynthLib.safety.check_outputs`), and a
+volume output's ending is checked, so no work is done for a file that cannot be written.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+import signal
 import sys
+from contextlib import nullcontext
 
 from . import __version__
 from .errors import MicroCTSynthError
@@ -33,6 +41,77 @@ COMMANDS = {
     "experiment": ("experiment", "the thesis' leave-2-out experiment: train, synthesize, baselines, report"),
     "demo": ("experiment", "phantom -> prepare -> experiment on group A (quick preset) -> report"),
 }
+
+
+#: command -> (input options, output options, volume outputs), by argparse dest
+FILES = {
+    "register": (("fixed", "moving", "init", "landmarks_fixed", "landmarks_moving"), ("out_transform", "out_resampled"),
+                 ("out_resampled",)),
+    "tissue-map": (("microct",), ("out",), ("out",)),
+    "evaluate": (("reference", "prediction", "microct", "synthetic"), ("json",), ()),
+    "synthesize": (("model", "ct", "reference_grid"), ("out_microct", "out_tissue", "uncertainty", "entropy"),
+                   ("out_microct", "out_tissue", "uncertainty", "entropy")),
+    "atlas": (("ct", "reference_grid", "target_transform"), ("out",), ("out",)),
+}
+
+#: Exit status of a job ended by SIGTERM (128 + 15), as a shell reports it.
+EXIT_SIGTERM = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when SIGTERM arrives: unwinds like Ctrl-C (atomic writes clean up)."""
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_files(args: argparse.Namespace) -> None:
+    """Refuse outputs that would overwrite an input or each other, before any work."""
+    from .safety import check_outputs
+    from .volume import check_output_name
+
+    if args.command not in FILES:
+        return
+    inputs, outputs, volumes = FILES[args.command]
+    ins = {_option(k): getattr(args, k, None) for k in inputs}
+    if args.command == "atlas":
+        ins.update(_dataset_files(args.data))
+    check_outputs(ins, {_option(k): getattr(args, k, None) for k in outputs})
+    for k in volumes:
+        if getattr(args, k, None):
+            check_output_name(getattr(args, k))
+
+
+def _dataset_files(data) -> dict:
+    """Every file a dataset names, as inputs (an atlas output must not replace one of them)."""
+    from .dataset import CASE_FILES, CASES_FILE, Dataset
+
+    try:
+        ds = Dataset.load(data)
+    except MicroCTSynthError:
+        return {}
+    files = {f"the dataset's {CASES_FILE}": ds.root / CASES_FILE}
+    for case in ds.cases:
+        for role in CASE_FILES:
+            files[f"the {role.replace('_', ' ')} of case {case}"] = ds.path(case, role, must_exist=False)
+    return files
+
+
+def _guard(args: argparse.Namespace):
+    """The lock and checks a command needs before its engine runs (phantom: its dataset folder)."""
+    if args.command != "phantom":
+        return nullcontext()
+    from .dataset import refuse_existing_dataset
+    from .progress import log
+    from .safety import FolderLock
+
+    refuse_existing_dataset(args.out, getattr(args, "overwrite", False))
+    return FolderLock(args.out, "dataset folder", log=lambda m: log(m, "json" if args.progress == "json" else "bar"))
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def _progress(p: argparse.ArgumentParser) -> None:
@@ -60,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick", help="paper (37.6 um micro-CT), quick (75.2 um) or tiny")
     p.add_argument("--seed", type=int, default=0, help="base seed; each specimen derives its own from it")
     p.add_argument("--specimens", default=None, help="comma-separated study codes (default: all six, S3_1,...,S3_12)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out (its cases.json and images)")
     _progress(p)
 
     p = add("register")
@@ -104,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs-decay", type=int, default=None, help="epochs of linear decay to 0 (preset: n_epochs_decay)")
     p.add_argument("--resume", nargs="?", const="last", default=None,
                    help="continue a run: a checkpoint path, or without value the run folder's last.pt")
+    p.add_argument("--overwrite", action="store_true", help="delete a previous run in --out and start afresh")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="resume a checkpoint of another group or other cases (normally refused)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--seed", type=int, default=0)
     _device(p)
@@ -161,13 +244,23 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f".{COMMANDS[args.command][0]}", __package__)
     handler = getattr(module, "command_" + args.command.replace("-", "_"))
     json_mode = getattr(args, "progress", None) == "json"
+    previous = _install(signal.SIGTERM, _on_sigterm)
     try:
-        return int(handler(args) or 0)
+        check_files(args)
+        with _guard(args):
+            return int(handler(args) or 0)
     except MicroCTSynthError as exc:
-        if json_mode:
-            emit_json("error", message=str(exc))
-        print(f"microctsynth {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(exc), json_mode)
+    except OSError as exc:
+        from .safety import write_error
+
+        return _fail(args.command, str(write_error(exc, exc.filename or "a file")).replace("Cannot write", "Cannot use"),
+                     json_mode)
+    except MemoryError:
+        return _fail(args.command, "This computer ran out of memory; use a smaller preset, region or patch size.", json_mode)
+    except Terminated:
+        message = "stopped by SIGTERM; every file written so far is complete (continue a training run with --resume)."
+        return _fail(args.command, message, json_mode, EXIT_SIGTERM, "")
     except KeyboardInterrupt:
         print(f"microctsynth {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -176,6 +269,24 @@ def main(argv: list[str] | None = None) -> int:
         if json_mode:
             emit_json("error", message=f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _install(signum, handler):
+    """Install ``handler`` for ``signum`` (only the main thread may); returns the previous one or None."""
+    try:
+        return signal.signal(signum, handler)
+    except (ValueError, OSError):  # not the main thread (e.g. called from a worker thread)
+        return None
+
+
+def _fail(command: str, message: str, json_mode: bool, code: int = 2, prefix: str = "error: ") -> int:
+    if json_mode:
+        emit_json("error", message=message)
+    print(f"microctsynth {command}: {prefix}{message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -321,6 +321,21 @@ def patch_sampler(dataset, shuffle: bool, seed: int, max_patches: int | None = N
     return PatchSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, max_patches=max_patches)
 
 
+def implausible_intensities(cases: Sequence[CasePair], ct_window) -> str | None:
+    """A warning when the training CTs do not look like Hounsfield units inside the CT window."""
+    if ct_window is None or not cases:
+        return None
+    lo, hi = (float(v) for v in ct_window)
+    inside = np.concatenate([c.ct[c.fov].ravel()[::7] for c in cases])
+    if inside.size == 0:
+        return None
+    clipped = float(np.mean((inside < lo) | (inside > hi)))
+    if clipped > 0.5 or float(np.ptp(np.percentile(inside, (1, 99)))) < 1e-3 * (hi - lo):
+        return (f"Warning: {clipped:.0%} of the training CTs' voxels lie outside the CT window [{lo:g}, {hi:g}] HU "
+                f"(median {float(np.median(inside)):.4g}): are the CTs in Hounsfield units?")
+    return None
+
+
 def build_datasets(data_dir, group: str, preset: dict, normalization: Normalization | None = None) -> dict:
     """Training and validation patches of ``group``, with the normalisation fitted on its training cases
     (or the one given, e.g. a resumed run's).
@@ -343,4 +358,5 @@ def build_datasets(data_dir, group: str, preset: dict, normalization: Normalizat
     val = PatchDataset(val_cases, normalization, patch, int(preset.get("eval_patch_overlap", 0))) if val_cases else None
     native = tuple(s / factor for s in train_cases[0].spacing)
     return {"train": train, "val": val, "normalization": normalization, "spacing_mm": native,
-            "downsample": factor, "cases": split}
+            "downsample": factor, "cases": split,
+            "warning": implausible_intensities(train_cases, normalization.ct_window)}

@@ -18,7 +18,9 @@ Layout (written by ``microctsynth phantom``, completed by ``microctsynth prepare
      "groups": {"A": {"train": [...], "val": [...], "test": [...]}, ...},
      "preset": "quick"}
 
-Paths in ``cases.json`` are relative to the folder.
+Paths in ``cases.json`` are relative to the folder and must stay inside it: a dataset is a
+sandbox, so an absolute path, a ``..`` or a symbolic link leading out of it is refused, and
+``cases.json`` is checked against its schema (:func:`validate`) with one sentence per problem.
 """
 
 from __future__ import annotations
@@ -55,6 +57,66 @@ CASE_FILES = {
 CASES_FILE = "cases.json"
 
 
+def inside(root, rel, what: str = "A path") -> Path:
+    """``root / rel``, refused unless it is relative and stays inside ``root`` (symbolic links followed)."""
+    root = Path(root)
+    if not isinstance(rel, (str, os.PathLike)) or not str(rel).strip():
+        raise MicroCTSynthError(f"{what} must be a file name relative to the dataset folder, not {rel!r}.")
+    rel_path = Path(rel)
+    if rel_path.is_absolute() or rel_path.drive:
+        raise MicroCTSynthError(f"{what} '{rel}' is an absolute path; paths in {CASES_FILE} are relative to "
+                                f"the dataset folder '{root}'.")
+    path = root / rel_path
+    base = root.resolve()
+    resolved = path.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise MicroCTSynthError(f"{what} '{rel}' leads outside the dataset folder '{root}'; keep every file of a "
+                                "dataset inside its folder.")
+    return path
+
+
+def _problems(data) -> list[str]:
+    """What is wrong with the content of a ``cases.json`` (empty when nothing)."""
+    if not isinstance(data, dict):
+        return ["it must hold a JSON object"]
+    problems = []
+    cases = data.get("cases")
+    if not isinstance(cases, dict):
+        return ['it has no "cases" object']
+    for name, entry in cases.items():
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            problems.append(f"the case name {name!r} is not a plain folder name")
+        if not isinstance(entry, dict):
+            problems.append(f"case '{name}' must be an object of file names, not {type(entry).__name__}")
+            continue
+        for role, rel in entry.items():
+            if role not in CASE_FILES:
+                problems.append(f"case '{name}' names an unknown file role '{role}' (known: {', '.join(CASE_FILES)})")
+            elif not isinstance(rel, str) or not rel.strip():
+                problems.append(f"case '{name}' gives its {role} as {rel!r}, not a file name")
+    groups = data.get("groups", THESIS_GROUPS)
+    if not isinstance(groups, dict):
+        return problems + ['"groups" must be an object of groups']
+    for gname, g in groups.items():
+        if not isinstance(g, dict):
+            problems.append(f"group '{gname}' must be an object with train, val and test lists")
+            continue
+        for part, names in g.items():
+            if part not in ("train", "val", "test"):
+                problems.append(f"group '{gname}' has an unknown part '{part}' (train, val, test)")
+            elif not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+                problems.append(f"group '{gname}' gives its {part} cases as {names!r}, not a list of case names")
+    return problems
+
+
+def validate(data, path) -> None:
+    """Raise one sentence for the first problem of a ``cases.json`` (and how many more there are)."""
+    problems = _problems(data)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise MicroCTSynthError(f"'{path}' is not a valid dataset description: {problems[0]}{more}.")
+
+
 def leave_k_out_groups(groups: dict | None = None) -> dict:
     """The groups of ``cases.json`` (default: the thesis' Table 1), checked for overlap."""
     groups = THESIS_GROUPS if groups is None else groups
@@ -65,6 +127,16 @@ def leave_k_out_groups(groups: dict | None = None) -> dict:
         if not parts[0]:
             raise MicroCTSynthError(f"Group {name} has no training case.")
     return groups
+
+
+def refuse_existing_dataset(root, overwrite: bool = False) -> None:
+    """Refuse to write a new dataset into a folder that holds one, unless ``overwrite``."""
+    path = Path(root) / CASES_FILE
+    if path.exists() and not overwrite:
+        prepared = any((Path(root) / name).exists() for name in ("prepare.json", "runs"))
+        raise MicroCTSynthError(
+            f"'{root}' already holds a {'prepared ' if prepared else ''}dataset ({CASES_FILE}); choose another --out, "
+            "or add --overwrite to replace its cases.json and images.")
 
 
 class Dataset:
@@ -86,11 +158,14 @@ class Dataset:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise MicroCTSynthError(f"'{path}' is not valid JSON: {exc}.") from None
-        if not isinstance(data.get("cases"), dict):
-            raise MicroCTSynthError(f"'{path}' has no \"cases\" object.")
+        validate(data, path)
         data.setdefault("groups", THESIS_GROUPS)
         leave_k_out_groups(data["groups"])
-        return cls(root, data)
+        dataset = cls(root, data)
+        for case, entry in data["cases"].items():
+            for role in entry:
+                dataset.path(case, role, must_exist=False)  # every path inside the folder, or a sentence now
+        return dataset
 
     @classmethod
     def create(cls, root, cases=(), groups=None, **extra) -> "Dataset":
@@ -128,7 +203,7 @@ class Dataset:
         if case not in self.data["cases"]:
             raise MicroCTSynthError(f"Case '{case}' is not in {self.root / CASES_FILE}; it lists {', '.join(self.cases)}.")
         rel = self.data["cases"][case].get(role, f"{case}/{CASE_FILES[role]}")
-        p = self.root / rel
+        p = inside(self.root, rel, f"The {role.replace('_', ' ')} of case '{case}'")
         if must_exist and not p.exists():
             hint = " (run 'microctsynth prepare --data DIR' first)" if role in ("transform", "ct_registered", "tissue", "naive_tissue") else ""
             raise MicroCTSynthError(f"Case '{case}' lacks its {role.replace('_', ' ')} file '{p}'{hint}.")

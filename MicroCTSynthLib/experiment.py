@@ -63,7 +63,9 @@ def train_or_reuse(data_dir, run_dir: Path, group: str, model: str, preset: str,
         return run_dir / "best.pt"
     resume = "last" if (run_dir / "last.pt").exists() else None
     start = time.monotonic()
-    best = Path(train(data_dir, group=group, model=model, preset=preset, out=run_dir, device=device, resume=resume, progress=progress))
+    # The experiment owns its run folders: without last.pt, what a killed run left is started afresh.
+    best = Path(train(data_dir, group=group, model=model, preset=preset, out=run_dir, device=device, resume=resume,
+                      progress=progress, overwrite=resume is None))
     write_json(run_dir / RUN_COMPLETE, {"seconds": round(time.monotonic() - start, 1), "best": best.name})
     return best
 
@@ -348,9 +350,11 @@ def report_html(markdown: str) -> str:
 def run_experiment(data_dir, out_dir, preset: str = "quick", groups=("A", "B", "C"), models=("single", "multi"),
                    device: str = "auto", progress: str = "bar") -> dict:
     """The thesis' chapter IV on a prepared dataset; returns the summary (also written to disk)."""
+    from .safety import FolderLock
+
     dataset = Dataset.load(data_dir)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    load_preset(preset)  # a bad preset: a sentence before any folder is made
     for g in groups:
         dataset.group(g)  # fail early, with a sentence, on an unknown group or case
     for m in models:
@@ -358,6 +362,11 @@ def run_experiment(data_dir, out_dir, preset: str = "quick", groups=("A", "B", "
             from .errors import MicroCTSynthError
 
             raise MicroCTSynthError(f"Unknown model '{m}': use single and/or multi.")
+    with FolderLock(out_dir, "experiment folder", log=lambda msg: log(msg, "json" if progress == "json" else "bar")):
+        return _run_experiment(dataset, out_dir, preset, groups, models, device, progress)
+
+
+def _run_experiment(dataset: Dataset, out_dir: Path, preset: str, groups, models, device: str, progress: str) -> dict:
     scores, runs = {}, {}
     steps = len(groups) * (len(models) + 1)
     with Progress(total=steps, task="experiment", mode=progress, unit="stage") as bar:

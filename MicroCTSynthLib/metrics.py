@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import MicroCTSynthError
-from .labels import TISSUE_NAMES
+from .labels import TISSUE_NAMES, check_tissue_map
 from .volume import Volume, read_volume, write_json
 
 
@@ -124,6 +124,10 @@ def format_table(result: dict) -> str:
 def command_evaluate(args: argparse.Namespace) -> int:
     reference = read_volume(args.reference, what=f"The reference '{args.reference}'")
     prediction = read_volume(args.prediction, what=f"The prediction '{args.prediction}'")
+    reference = reference.with_array(check_tissue_map(reference.array, f"The reference '{args.reference}'"))
+    prediction = prediction.with_array(check_tissue_map(prediction.array, f"The prediction '{args.prediction}'"))
+    if not (reference.array > 0).any():
+        raise MicroCTSynthError(f"The reference '{args.reference}' is 0 (outside) everywhere: there is nothing to score.")
     microct = read_volume(args.microct, what=f"The micro-CT '{args.microct}'") if args.microct else None
     synthetic = read_volume(args.synthetic, what=f"The synthetic micro-CT '{args.synthetic}'") if args.synthetic else None
     result = evaluate(reference, prediction, microct, synthetic)

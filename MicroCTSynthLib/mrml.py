@@ -774,8 +774,11 @@ class MicroCTSynthSceneLogic:
     # -- 4. training ------------------------------------------------------------------------
     def train(self, datasetDir, group: str = "A", model: str = "single", preset: str = "quick", outDir=None,
               resume: bool = False, epochsConstant: int | None = None, epochsDecay: int | None = None,
-              device: str | None = None, wait: bool = False, chart: bool = True):
+              device: str | None = None, wait: bool = False, chart: bool = True, overwrite: bool = False):
         """Train the single-task (Eq. 5) or multitask (Eq. 6) 3D cGAN on ``group`` in the background.
+
+        A run folder that holds a run is continued with ``resume`` or replaced with ``overwrite``
+        (its checkpoints deleted); with neither the job refuses it.
 
         The losses stream into a plot chart node (``self.lossChart``). Result: the path of
         ``best.pt`` (the epoch with the lowest validation loss).
@@ -788,6 +791,8 @@ class MicroCTSynthSceneLogic:
                 "--out", str(outDir), "--device", device or self.device]
         if resume:
             args.append("--resume")
+        elif overwrite:
+            args.append("--overwrite")
         if epochsConstant is not None:
             args += ["--epochs-constant", str(int(epochsConstant))]
         if epochsDecay is not None:

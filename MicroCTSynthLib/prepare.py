@@ -20,6 +20,7 @@ from .dataset import Dataset
 from .labels import TISSUE_NAMES
 from .metrics import dice_per_class
 from .progress import Progress, log
+from .safety import FolderLock, check_outputs
 from .registration import read_transform, register, resample, target_registration_error, write_transform
 from .tissue import field_of_view, tissue_map
 from .volume import read_volume, write_json, write_volume
@@ -37,6 +38,9 @@ def _fov_points(microct, fov: np.ndarray, step: int = 4) -> np.ndarray:
 def prepare_case(dataset: Dataset, case: str, affine: bool = False, force: bool = False, mode: str = "bar") -> dict:
     """Register, resample and label one case; returns its measurements."""
     paths = {role: dataset.path(case, role, must_exist=False) for role in OUTPUT_ROLES}
+    inputs = {f"The {r.replace('_', ' ')} of case {case}": dataset.path(case, r, must_exist=False)
+              for r in ("ct", "microct", "labels_true", "true_transform")}
+    check_outputs(inputs, {f"The {r.replace('_', ' ')} of case {case}": p for r, p in paths.items()})
     report = {"case": case}
     microct = read_volume(dataset.path(case, "microct"), what=f"The micro-CT of {case}")
     if force or not all(p.exists() for p in paths.values()):
@@ -89,8 +93,11 @@ def prepare(data_dir, cases=None, affine: bool = False, force: bool = False, pro
     """Prepare every case (or the given ones) of a dataset folder; writes ``prepare.json``."""
     dataset = Dataset.load(data_dir)
     cases = list(cases) if cases else dataset.cases
+    for case in cases:
+        dataset.path(case, "ct", must_exist=False)  # an unknown case: a sentence before any work
     reports = []
-    with Progress(total=len(cases), task="prepare", mode=progress, unit="case") as bar:
+    lock = FolderLock(dataset.root, "dataset folder", log=lambda m: log(m, "json" if progress == "json" else "bar"))
+    with lock, Progress(total=len(cases), task="prepare", mode=progress, unit="case") as bar:
         for case in cases:
             report = prepare_case(dataset, case, affine=affine, force=force, mode=progress)
             reports.append(report)

@@ -12,12 +12,79 @@ another file), so that it holds only what it changes.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .errors import MicroCTSynthError
 from .package_data import preset_file
 
 PRESET_NAMES = ("paper", "quick", "tiny")
+
+
+INF = math.inf
+
+#: Type and range of every preset key: (kind, low, high) with kind "int", "float", "bool", "str",
+#: "window" (two increasing numbers) or a tuple of the allowed strings; None allowed where marked.
+SCHEMA = {
+    "name": ("str", None, None), "description": ("str", None, None),
+    "microct_spacing_mm": ("float", 1e-4, 10.0), "ct_spacing_mm": ("float", 1e-3, 10.0),
+    "phantom_fov_mm": ("float", 0.5, 100.0), "phantom_microct_psf_voxels": ("float", 0.0, 10.0),
+    "phantom_ct_supersampling": ("int", 1, 8),
+    "phantom_ct_margin_mm": ("float", 0.0, 50.0), "phantom_pose_sd_deg": ("float", 0.0, 90.0),
+    "phantom_pose_max_deg": ("float", 0.0, 180.0), "phantom_pose_shift_sd_mm": ("float", 0.0, 50.0),
+    "phantom_pose_shift_max_mm": ("float", 0.0, 50.0), "phantom_misalignment_max_deg": ("float", 0.0, 90.0),
+    "phantom_misalignment_max_mm": ("float", 0.0, 50.0),
+    "downsample": ("int", 1, 2), "patch_size": ("int", 8, 4096), "train_patch_overlap": ("int", 0, 4095),
+    "eval_patch_overlap": ("int", 0, 4095), "synthesis_overlap": ("float", 0.0, 0.99),
+    "ngf": ("int", 1, 4096), "n_blocks": ("int", 0, 64), "dropout": ("float", 0.0, 0.99), "input_skip": ("bool", None, None),
+    "ndf": ("int", 1, 4096), "n_layers_D": ("int", 1, 6), "gan_mode": (("vanilla", "lsgan"), None, None),
+    "lr": ("float", 1e-12, INF), "beta1": ("float", 0.0, 0.999), "batch_size": ("int", 1, 64),
+    "n_epochs": ("int", 0, 100_000), "n_epochs_decay": ("int", 0, 100_000), "checkpoint_every": ("int", 1, 100_000),
+    "validate_every": ("int", 1, 100_000), "max_patches_per_epoch": ("int?", 1, 10_000_000),
+    "lambda_L1_single": ("float", 0.0, 1e6), "lambda_perceptual_single": ("float", 0.0, 1e6),
+    "lambda_L1_multi": ("float", 0.0, 1e6), "lambda_perceptual_multi": ("float", 0.0, 1e6),
+    "lambda_dice_multi": ("float", 0.0, 1e6), "dice_epsilon": ("float", 0.0, 1.0),
+    "dice_absent_classes": (("count", "skip"), None, None), "perceptual_pairing": (("thesis", "pix2pixhd"), None, None),
+    "ct_window_hu": ("window", -1e5, 1e5), "tissue_closing_radius_mm": ("float", 0.0, 1.0),
+}
+
+
+def _problem(key: str, value, rule) -> str | None:
+    kind, lo, hi = rule
+    if isinstance(kind, tuple):
+        return None if value in kind else f"one of {', '.join(kind)}"
+    if kind == "int?" and value is None:
+        return None
+    if kind == "str":
+        return None if isinstance(value, str) else "a text"
+    if kind == "bool":
+        return None if isinstance(value, bool) else "true or false"
+    if kind == "window":
+        ok = (isinstance(value, list) and len(value) == 2 and all(_number(v) for v in value)
+              and lo <= value[0] < value[1] <= hi)
+        return None if ok else f"two increasing numbers between {lo:g} and {hi:g}"
+    whole = kind.startswith("int")
+    if not _number(value) or (whole and float(value) != int(value)) or not lo <= value <= hi:
+        upper = f" and {hi:g}" if hi != INF else ""
+        return f"{'a whole number' if whole else 'a finite number'} between {lo:g}{upper or ' and above'}"
+    return None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_preset(preset: dict, key: str = "") -> dict:
+    """Raise one sentence for the first preset value of the wrong type or out of its range."""
+    for name, rule in SCHEMA.items():
+        if name in preset:
+            want = _problem(name, preset[name], rule)
+            if want is not None:
+                where = f"The preset '{key}'" if key else "The preset"
+                raise MicroCTSynthError(f"{where} sets {name} to {preset[name]!r}; it must be {want}.")
+    if int(preset.get("patch_size", 8)) % 4:
+        raise MicroCTSynthError(f"The preset's patch_size {preset['patch_size']} must be a multiple of 4.")
+    return preset
 
 
 def _read(source, label: str) -> dict:
@@ -28,6 +95,8 @@ def _read(source, label: str) -> dict:
         raise MicroCTSynthError(
             f"The preset file '{label}' is missing; the MicroCTSynthLib package was installed without its data."
         ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MicroCTSynthError(f"The preset file '{label}' could not be read ({type(exc).__name__}).") from None
     except json.JSONDecodeError as exc:
         raise MicroCTSynthError(f"The preset file '{label}' is not valid JSON: {exc}.") from None
     if not isinstance(data, dict):
@@ -38,7 +107,7 @@ def _read(source, label: str) -> dict:
 def load_preset(name_or_path: str | Path | dict, _chain: tuple = ()) -> dict:
     """The preset's settings: its base (``paper.json`` unless it names one) overlaid with it."""
     if isinstance(name_or_path, dict):
-        return dict(name_or_path)
+        return check_preset(dict(name_or_path))
     key = str(name_or_path)
     if key in PRESET_NAMES:
         source, identity, folder = preset_file(key), f"preset:{key}", None
@@ -65,4 +134,4 @@ def load_preset(name_or_path: str | Path | dict, _chain: tuple = ()) -> dict:
     if unknown:
         raise MicroCTSynthError(f"The preset '{key}' sets unknown key(s) {', '.join(unknown)}; "
                                 "see MicroCTSynthLib/Resources/presets/paper.json.")
-    return {**base, **overrides}
+    return check_preset({**base, **overrides}, key)

@@ -169,19 +169,59 @@ def target_registration_error(estimated: sitk.Transform, true: sitk.Transform, p
     return np.linalg.norm(_map_points(estimated, points) - _map_points(true, points), axis=1)
 
 
+def _check_transform_text(path: Path) -> None:
+    """Refuse a text transform file whose parameters are not finite numbers before SimpleITK reads it
+    (its reader crashes the process on a NaN parameter)."""
+    if path.suffix.lower() not in (".tfm", ".txt"):
+        return
+    try:
+        with open(path, "r", encoding="latin-1") as f:
+            for number, line in enumerate(f, start=1):
+                key, sep, values = line.partition(":")
+                if not sep or key.strip() not in ("Parameters", "FixedParameters"):
+                    continue
+                try:
+                    numbers = [float(v) for v in values.split()]
+                except ValueError:
+                    raise MicroCTSynthError(f"The transform file '{path}' has a {key.strip()} line (line {number}) "
+                                            "that is not a list of numbers.") from None
+                if not all(np.isfinite(numbers)):
+                    raise MicroCTSynthError(f"The transform file '{path}' holds NaN or infinite parameters "
+                                            f"(line {number}); a transform must be finite.")
+    except OSError as exc:
+        raise MicroCTSynthError(f"The transform file '{path}' could not be read ({exc.strerror}).") from None
+
+
+def check_transform(transform: sitk.Transform, what: str) -> None:
+    """Refuse a transform that is not 3D, not finite or (when linear) not invertible."""
+    if transform.GetDimension() != 3:
+        raise MicroCTSynthError(f"{what} holds a {transform.GetDimension()}D transform; a 3D transform is needed.")
+    linear = _linear_part(transform)
+    if linear is None:
+        return
+    a, t = linear
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(t))):
+        raise MicroCTSynthError(f"{what} holds NaN or infinite parameters; a transform must be finite.")
+    singular = np.linalg.svd(a, compute_uv=False)
+    if singular[-1] <= 1e-6 * max(singular[0], 1e-12) or singular[-1] < 1e-6:
+        raise MicroCTSynthError(f"{what} is singular (it squashes space onto a plane, a line or a point, "
+                                f"singular values {', '.join(f'{v:.3g}' for v in singular)}); it cannot map a "
+                                "micro-CT onto a CT.")
+
+
 def read_transform(path) -> sitk.Transform:
-    """Read an ITK transform file (.tfm, .txt, .h5, .mat)."""
+    """Read an ITK transform file (.tfm, .txt, .h5, .mat): 3D, finite and, if linear, invertible."""
     path = Path(path)
     if not path.is_file():
         raise MicroCTSynthError(f"The transform file '{path}' does not exist: check the path.")
+    _check_transform_text(path)
     try:
         transform = sitk.ReadTransform(str(path))
     except RuntimeError:
         raise MicroCTSynthError(
             f"The transform file '{path}' could not be read as an ITK transform (.tfm, .txt, .h5 or .mat, as Slicer saves them)."
         ) from None
-    if transform.GetDimension() != 3:
-        raise MicroCTSynthError(f"The transform file '{path}' holds a {transform.GetDimension()}D transform; a 3D transform is needed.")
+    check_transform(transform, f"The transform file '{path}'")
     return transform
 
 
@@ -515,6 +555,12 @@ def _coarse_scorer(fixed_image, moving_image, mask_image, shrink: int, sigma_mm:
     return score
 
 
+def _check_contrast(values: np.ndarray, what: str) -> None:
+    if values.size and float(values.max()) == float(values.min()):
+        raise MicroCTSynthError(f"The {what} holds one value ({float(values.min()):g}) everywhere: mutual "
+                                "information needs contrast; check that the right image was given.")
+
+
 def register(fixed: Volume, moving: Volume, initial: sitk.Transform | None = None,
              landmarks_fixed=None, landmarks_moving=None, affine: bool = False,
              progress: str | Progress = "none") -> sitk.Transform:
@@ -530,6 +576,8 @@ def register(fixed: Volume, moving: Volume, initial: sitk.Transform | None = Non
     mask = _fixed_mask(fixed)
     if mask.sum() < 27:
         raise MicroCTSynthError("The micro-CT's field of view holds almost no voxels; check that the fixed image is the micro-CT.")
+    _check_contrast(fixed.array[mask], "micro-CT (fixed image)")
+    _check_contrast(moving.array, "CT (moving image)")
     centre = _mask_centroid(fixed, mask)
     points = _sample_points(fixed, mask)
     fixed_image, moving_image = _as_image(fixed), _as_image(moving)

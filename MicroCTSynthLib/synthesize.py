@@ -640,6 +640,13 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=0.5, bl
         raise MicroCTSynthError(f"The model file's patch size {patch_size} is not a positive multiple of 4.")
     spacing = model_spacing(meta)
     grid = output_grid(ct, spacing, roi=roi, reference=reference)
+    from .memory import check_memory, synthesis_bytes
+
+    voxels = float(np.prod(grid.shape)) + float(np.prod(regrid(grid, spacing).shape))
+    slab = max(float(chunk_voxels), float(patch_size) * np.prod(grid.shape[1:]))
+    check_memory(synthesis_bytes(meta["generator_args"], patch_size, voxels, int(samples), slab),
+                 f"Synthesizing a grid of {grid.shape[2]} x {grid.shape[1]} x {grid.shape[0]} voxels",
+                 "give a smaller region of interest (--roi) or fewer --samples", dev)
     closing = (meta.get("preset") or {}).get("tissue_closing_radius_mm")
     return synthesize_on_grid(ct, grid, generator, normalization, patch_size, multitask=multitask, overlap=overlap,
                               blend=blend, samples=samples, device=dev, progress=progress, chunk_voxels=chunk_voxels,

@@ -21,6 +21,10 @@ from .volume import Volume, read_volume, write_volume
 
 #: The closing radius of the thesis' hole filling, in mm (from the paper preset).
 DEFAULT_CLOSING_RADIUS_MM = float(load_preset("paper")["tissue_closing_radius_mm"])
+#: The largest closing radius taken, in mm and in voxels (a ball beyond it fills whole structures
+#: of the inner ear and takes minutes to apply).
+MAX_CLOSING_RADIUS_MM = 1.0
+MAX_CLOSING_RADIUS_VOXELS = 25
 
 
 def field_of_view(volume: Volume) -> np.ndarray:
@@ -85,6 +89,19 @@ def otsu_thresholds(values: np.ndarray, classes: int = 3) -> np.ndarray:
     return thresholds
 
 
+def check_closing_radius(radius_mm, spacing_xyz) -> float:
+    """The closing radius (default the thesis'), refused unless finite, 0 to 1 mm and at most 25 voxels."""
+    radius = DEFAULT_CLOSING_RADIUS_MM if radius_mm is None else float(radius_mm)
+    if not np.isfinite(radius) or radius < 0 or radius > MAX_CLOSING_RADIUS_MM:
+        raise MicroCTSynthError(f"The closing radius must be a finite number, zero or positive and at most {MAX_CLOSING_RADIUS_MM:g} mm "
+                                f"(the thesis uses {DEFAULT_CLOSING_RADIUS_MM:g} mm), not {radius:g}.")
+    voxels = radius / min(spacing_xyz)
+    if voxels > MAX_CLOSING_RADIUS_VOXELS:
+        raise MicroCTSynthError(f"The closing radius {radius:g} mm spans {voxels:.0f} voxels of this micro-CT; "
+                                f"at most {MAX_CLOSING_RADIUS_VOXELS} are taken (the thesis uses {DEFAULT_CLOSING_RADIUS_MM:g} mm).")
+    return radius
+
+
 def tissue_map(
     microct: Volume,
     closing_radius_mm: float | None = None,
@@ -97,9 +114,7 @@ def tissue_map(
     step (two intensities: air | soft tissue | bone). The closing radius defaults to the thesis'
     hole filling (:data:`DEFAULT_CLOSING_RADIUS_MM`); 0 disables it.
     """
-    radius = DEFAULT_CLOSING_RADIUS_MM if closing_radius_mm is None else float(closing_radius_mm)
-    if radius < 0:
-        raise MicroCTSynthError(f"The closing radius must be zero or positive, not {radius} mm.")
+    radius = check_closing_radius(closing_radius_mm, microct.spacing)
     fov = field_of_view(microct) if mask is None else np.asarray(mask, dtype=bool)
     if fov.shape != microct.shape:
         raise MicroCTSynthError("The field-of-view mask does not match the micro-CT's grid.")
@@ -115,6 +130,8 @@ def tissue_map(
 
 
 def command_tissue_map(args: argparse.Namespace) -> int:
+    if args.closing_radius is not None:
+        check_closing_radius(args.closing_radius, (1e9, 1e9, 1e9))  # range first, voxels once the image is read
     microct = read_volume(args.microct, what=f"The micro-CT '{args.microct}'")
     labels = tissue_map(microct, args.closing_radius)
     write_volume(labels, args.out)

@@ -40,8 +40,11 @@ from .data import Normalization, PatchDataset, build_datasets, patch_sampler
 from .errors import MicroCTSynthError
 from .losses import GANLoss, discriminator_loss, generator_loss, loss_options, validation_loss
 from .networks import Discriminator, Generator
+from .dataset import Dataset
+from .memory import check_memory, training_bytes
 from .presets import load_preset
 from .progress import Progress, emit_json, log
+from .safety import FolderLock
 from .volume import atomic_path, write_json
 
 __all__ = ["train", "command_train", "training_step", "lr_lambda", "make_scheduler", "resolve_device",
@@ -329,13 +332,17 @@ def _snapshot_item(train: PatchDataset, val: PatchDataset | None) -> dict:
 
 # -- training ----------------------------------------------------------------------------------------
 def train(data_dir, group: str = "A", model: str = "single", preset="quick", out=None, epochs_constant=None,
-          epochs_decay=None, device="auto", amp: bool = False, resume=None, seed: int = 0, progress="bar") -> Path:
+          epochs_decay=None, device="auto", amp: bool = False, resume=None, seed: int = 0, progress="bar",
+          overwrite: bool = False, allow_mismatch: bool = False) -> Path:
     """Train the single-task (Eq. 5) or multitask (Eq. 6) 3D cGAN on ``group`` of ``data_dir``.
 
     ``preset``: "paper", "quick", "tiny", a JSON path or a dict; ``epochs_constant`` /
     ``epochs_decay`` replace its ``n_epochs`` / ``n_epochs_decay``; ``out``: the run folder
     (default DATA/runs/<group>_<model>); ``resume``: "last" (the run folder's last.pt) or a
     checkpoint path; ``amp``: bf16 autocast on CUDA; ``progress``: "bar", "json" or "none".
+    A run folder that holds a run is refused unless ``resume`` or ``overwrite`` (which deletes
+    its checkpoints first); a checkpoint of another group or other cases is refused on resume
+    unless ``allow_mismatch``. The run folder is locked while the run lasts.
     Returns the path of ``best.pt``.
     """
     if model not in MODELS:
@@ -344,16 +351,82 @@ def train(data_dir, group: str = "A", model: str = "single", preset="quick", out
     dev = resolve_device(device, dist.local_rank)
     dist.start(dev)
     mode = progress if dist.main else "none"
+    preset = _resolve_preset(preset, model, epochs_constant, epochs_decay, dev)
+    files = RunFiles(out if out is not None else Path(data_dir) / "runs" / f"{group}_{model}")
+    lock = FolderLock(files.root, "run folder", log=lambda m: log(m, _loud(mode))) if dist.main else nullcontext()
     try:
-        return _train(data_dir, group, model, preset, out, epochs_constant, epochs_decay, dev, amp, resume, int(seed),
-                      mode, dist)
+        with lock:
+            if dist.main:
+                _claim_run_folder(files, resume, overwrite, mode)
+            return _train(data_dir, group, model, preset, files, dev, amp, resume, int(seed), mode, dist, allow_mismatch)
     finally:
         dist.stop()
 
 
-def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_decay, dev, amp, resume, seed, mode,
-           dist: _Distributed) -> Path:
-    preset = load_preset(preset_name)
+def _loud(mode: str) -> str:
+    """What must reach the user even with ``--progress none`` (a lock taken over) goes to stderr then."""
+    return "json" if mode == "json" else "bar"
+
+
+def _claim_run_folder(files: "RunFiles", resume, overwrite: bool, mode: str) -> None:
+    """Refuse a run folder holding a run unless resumed; ``overwrite`` deletes the old run's files first."""
+    old = sorted(files.root.glob("*.pt"))
+    if resume or not old:
+        return
+    if not overwrite:
+        raise MicroCTSynthError(
+            f"The run folder '{files.root}' already holds a run ({', '.join(p.name for p in old[:3])}"
+            f"{', ...' if len(old) > 3 else ''}); continue it with --resume, choose another --out, "
+            "or start afresh with --overwrite (which deletes its checkpoints).")
+    import shutil
+
+    for path in old + [files.history, files.curve, files.root / "complete.json"]:
+        path.unlink(missing_ok=True)
+    for folder in (files.snapshots, files.tensorboard):
+        shutil.rmtree(folder, ignore_errors=True)
+    log(f"--overwrite: deleted the previous run in '{files.root}'.", mode)
+
+
+def _check_resumed(checkpoint: dict, path, model: str, group: str, cases: dict, allow: bool) -> None:
+    """Refuse to resume a checkpoint of another model, group or set of cases (unless ``allow``)."""
+    if checkpoint.get("model") != model:
+        raise MicroCTSynthError(f"The checkpoint '{path}' is a {checkpoint.get('model')}-task model; "
+                                f"resume it with --model {checkpoint.get('model')}.")
+    if allow:
+        return
+    saved_group, saved_cases = checkpoint.get("group"), checkpoint.get("cases")
+    if saved_group is not None and saved_group != group:
+        raise MicroCTSynthError(f"The checkpoint '{path}' was trained on group {saved_group}, not {group}: resuming it "
+                                f"would train on group {group}'s held-out cases; resume with --group {saved_group} "
+                                "(or add --allow-mismatch if this is what you want).")
+    if isinstance(saved_cases, dict) and saved_cases != cases:
+        raise MicroCTSynthError(f"The checkpoint '{path}' was trained on other cases ({saved_cases}) than group {group} "
+                                f"now names ({cases}); resume on the same data (or add --allow-mismatch).")
+
+
+def _check_finite(terms: dict, iteration: int, epoch: int, files: "RunFiles") -> None:
+    """Stop a diverged run: a loss term that is NaN or infinite ends it before anything is saved."""
+    bad = [k for k, v in terms.items() if not math.isfinite(v)]
+    if bad:
+        kept = f"the last good checkpoint '{files.last}' is kept" if files.last.exists() else "no checkpoint was written"
+        raise MicroCTSynthError(
+            f"Training diverged at iteration {iteration} (epoch {epoch}): the loss term {bad[0]} is "
+            f"{terms[bad[0]]}; {kept}; lower the learning rate (preset 'lr') and train again or --resume.")
+
+
+def _check_weights(networks: dict, epoch: int, files: "RunFiles") -> None:
+    """Stop before a checkpoint with non-finite weights is written."""
+    for name, net in networks.items():
+        for pname, p in net.named_parameters():
+            if not torch.isfinite(p).all():
+                kept = f"the last good checkpoint '{files.last}' is kept" if files.last.exists() else "no checkpoint was written"
+                raise MicroCTSynthError(f"Training diverged in epoch {epoch}: the {name}'s weights {pname} hold NaN or "
+                                        f"infinite values; {kept}; lower the learning rate (preset 'lr').")
+
+
+def _resolve_preset(name, model: str, epochs_constant, epochs_decay, dev) -> dict:
+    """The preset with the command line's epochs, checked, and its memory estimate against the device's."""
+    preset = load_preset(name)
     if epochs_constant is not None:
         preset["n_epochs"] = int(epochs_constant)
     if epochs_decay is not None:
@@ -361,6 +434,14 @@ def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_dec
     n_epochs, n_decay = int(preset["n_epochs"]), int(preset["n_epochs_decay"])
     if n_epochs < 0 or n_decay < 0 or n_epochs + n_decay < 1:
         raise MicroCTSynthError(f"Training needs at least one epoch (got {n_epochs} constant + {n_decay} decay).")
+    check_memory(training_bytes(preset, model), f"Training the {model}-task cGAN on {preset['patch_size']}^3 patches "
+                 f"with ngf {preset['ngf']}", "use smaller patches (patch_size) or a narrower network (ngf, ndf)", dev)
+    return preset
+
+
+def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
+           dist: _Distributed, allow_mismatch: bool = False) -> Path:
+    n_epochs, n_decay = int(preset["n_epochs"]), int(preset["n_epochs_decay"])
     total_epochs = n_epochs + n_decay
     multitask = model == "multi"
     if amp and dev.type != "cuda":
@@ -371,22 +452,21 @@ def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_dec
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
 
-    files = RunFiles(out if out is not None else Path(data_dir) / "runs" / f"{group}_{model}")
     checkpoint = None
     if resume:
         path = files.last if str(resume) == "last" else Path(resume)
         if str(resume) == "last" and not path.exists():
             raise MicroCTSynthError(f"There is no run to resume in '{files.root}' (no last.pt); start it without --resume.")
         checkpoint = load_checkpoint(path, map_location="cpu")
-        if checkpoint.get("model") != model:
-            raise MicroCTSynthError(f"The checkpoint '{path}' is a {checkpoint.get('model')}-task model; "
-                                    f"resume it with --model {checkpoint.get('model')}.")
+        _check_resumed(checkpoint, path, model, group, Dataset.load(data_dir).group(group), allow_mismatch)
 
     _seed_everything(seed)
     # A resumed run keeps the normalisation its networks learnt with, even if the cases changed since.
     data = build_datasets(data_dir, group, preset,
                           normalization=None if checkpoint is None else Normalization.from_dict(checkpoint["normalization"]))
     train_set, val_set = data["train"], data["val"]
+    if data.get("warning") and dist.main:
+        log(data["warning"], _loud(mode))
     normalization: Normalization = data["normalization"]
     generator, discriminator = build_networks(preset, model)
     if train_set.patch_size < discriminator.min_size:
@@ -413,6 +493,7 @@ def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_dec
         optimizer_D.load_state_dict(checkpoint["optimizer_D"])
         scheduler_G.load_state_dict(checkpoint["scheduler_G"])
         scheduler_D.load_state_dict(checkpoint["scheduler_D"])
+        _apply_new_lr(checkpoint, lr, (optimizer_G, optimizer_D), (scheduler_G, scheduler_D), mode)
         start_epoch, history = int(checkpoint["epoch"]), list(checkpoint.get("history") or [])
         rngs = checkpoint["rng"]
         ranks = rngs.get("ranks") or []
@@ -479,6 +560,7 @@ def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_dec
                 tissue = batch["tissue"].to(dev, non_blocking=True)
                 terms = training_step(G, D, discriminator, optimizer_G, optimizer_D, real_A, real_B, tissue,
                                       gan_loss, weights, multitask, autocast, options)
+                _check_finite(terms, epoch * steps_per_epoch + step + 1, epoch + 1, files)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v
                 global_step = epoch * steps_per_epoch + step + 1
@@ -495,6 +577,7 @@ def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_dec
                     window, window_steps = {}, 0
             scheduler_G.step()
             scheduler_D.step()
+            _check_weights({"generator": generator, "discriminator": discriminator}, epoch + 1, files)
             seconds = time.monotonic() - start
             done = epoch + 1
             entry = {"epoch": done, "lr": epoch_lr, **{k: v / max(steps_per_epoch, 1) for k, v in sums.items()},
@@ -558,6 +641,21 @@ def _train(data_dir, group, model, preset_name, out, epochs_constant, epochs_dec
     return files.best
 
 
+def _apply_new_lr(checkpoint: dict, lr: float, optimizers, schedulers, mode: str) -> None:
+    """A resumed run takes the preset's learning rate when it differs from the checkpoint's (e.g. lowered
+    after a divergence); the schedule's factor stays where the run was."""
+    old = float((checkpoint.get("preset") or {}).get("lr", lr))
+    if old == lr:
+        return
+    for optimizer, scheduler in zip(optimizers, schedulers):
+        factor = optimizer.param_groups[0]["lr"] / old if old > 0 else 1.0
+        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+        for group in optimizer.param_groups:
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor
+    log(f"Resuming with the learning rate {lr:g} instead of the checkpoint's {old:g}.", mode)
+
+
 def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     for state in optimizer.state.values():
         for k, v in state.items():
@@ -580,7 +678,8 @@ def command_train(args) -> int:
     """``microctsynth train``: train and report the paths of ``best.pt`` and ``last.pt``."""
     best = train(args.data, group=args.group, model=args.model, preset=args.preset, out=args.out,
                  epochs_constant=args.epochs_constant, epochs_decay=args.epochs_decay, device=args.device,
-                 amp=args.amp, resume=args.resume, seed=args.seed, progress=args.progress)
+                 amp=args.amp, resume=args.resume, seed=args.seed, progress=args.progress,
+                 overwrite=getattr(args, "overwrite", False), allow_mismatch=getattr(args, "allow_mismatch", False))
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return 0
     outputs = {"best": str(best), "last": str(Path(best).parent / "last.pt")}

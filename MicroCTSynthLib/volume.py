@@ -213,7 +213,8 @@ def read_image(path, what: str | None = None) -> sitk.Image:
         first = str(exc).strip().splitlines()
         hint = next((ln for ln in first if "ERROR" in ln or "Unable" in ln or "Could not" in ln), first[-1] if first else "")
         raise MicroCTSynthError(
-            f"{what} could not be read as a volume (supported: NRRD, NIfTI, MHA/MHD, DICOM folder): {hint.strip()[:200]}"
+            f"{what} could not be read as a volume (supported: NRRD, NIfTI, MHA/MHD, DICOM folder): "
+            f"{hint.strip()[:200].rstrip('.')}."
         ) from None
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
@@ -228,6 +229,15 @@ def read_image(path, what: str | None = None) -> sitk.Image:
 def read_volume(path, what: str | None = None) -> Volume:
     """Read a volume file or DICOM folder as a :class:`Volume` (see :func:`read_image`)."""
     return Volume.from_sitk(read_image(path, what))
+
+
+def check_output_name(path) -> Path:
+    """Refuse, before any work, a volume output name that cannot be written (ending, detached header)."""
+    path = Path(path)
+    _check_suffix(path)
+    if path.name.lower().endswith((".mhd", ".nhdr")):
+        raise MicroCTSynthError(f"Cannot write '{path}': write .mha or .nrrd (a single file) instead of a detached header.")
+    return path
 
 
 def _check_suffix(path: Path) -> None:
@@ -249,29 +259,98 @@ def atomic_path(path) -> "AtomicWrite":
 
 
 class AtomicWrite:
-    """``with AtomicWrite(p) as tmp: write(tmp)`` - ``tmp`` becomes ``p`` only if the block succeeds."""
+    """``with AtomicWrite(p) as tmp: write(tmp)`` - ``tmp`` becomes ``p`` only if the block succeeds.
+
+    The temporary name ``.<name>.<pid>@<host>-<random>.part<suffix>`` carries the writer's pid, so that
+    the leftovers of a writer killed mid-write are removed by the next one (safety.clean_stale_parts).
+    A failed write (full disk, read-only folder, no permission) ends in one sentence.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        from .safety import clean_stale_parts, part_tag, write_error
+
+        if self.path.is_dir():
+            raise MicroCTSynthError(f"Cannot write '{self.path}': it is a folder; give a file name.")
         suffix = _suffix(self.path) if self.path.name.lower().endswith(VOLUME_SUFFIXES) else self.path.suffix
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".part{suffix}", dir=self.path.parent)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_parts(self.path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.{part_tag()}-", suffix=f".part{suffix}",
+                                       dir=self.path.parent)
+        except OSError as exc:
+            raise write_error(exc, self.path) from None
         os.close(fd)
         self.tmp = Path(tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
+        from .safety import write_error
+
         if exc_type is None:
-            # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+            try:
+                _check_complete(self.tmp)
+                # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self.tmp, 0o666 & ~umask)
+                os.replace(self.tmp, self.path)
+                return False
+            except OSError as error:
+                exc_type, exc = OSError, error
+        self.tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(exc, self.path) from None
+        if isinstance(exc, RuntimeError) and _looks_like_write_failure(exc, self.path):
+            raise MicroCTSynthError(f"Cannot write '{self.path}': {_write_failure_reason(self.path)}.") from None
         return False
+
+
+def _check_complete(tmp: Path) -> None:
+    """Raise ``OSError`` (full disk, size limit) when a write came out incomplete without saying so.
+
+    SimpleITK's writers ignore a failing write: on a full disk they leave an empty or cut file and
+    return. An empty file, a disk with no free block left, or a file as long as the process' file
+    size limit is taken for a failed write.
+    """
+    import errno
+
+    size = tmp.stat().st_size
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if size == 0:
+        raise full
+    if hasattr(os, "statvfs"):
+        st = os.statvfs(tmp.parent)
+        if st.f_bavail == 0 and st.f_blocks > 0:
+            raise full
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, ValueError, OSError):
+        return
+    if limit != resource.RLIM_INFINITY and size >= limit:
+        raise OSError(errno.EFBIG, "File too large")
+
+
+def _looks_like_write_failure(exc: Exception, path: Path) -> bool:
+    """SimpleITK and torch report a failed write as RuntimeError ("file write failed", "Could not write")."""
+    text = str(exc).lower()
+    return any(k in text for k in ("write", "writing", "no space", "file too large", "errno"))
+
+
+def _write_failure_reason(path: Path) -> str:
+    import shutil
+
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 1 << 20:
+        return "the disk is full; free some space or write elsewhere"
+    return "the write failed (full disk, file size limit or a file system error); free some space or write elsewhere"
 
 
 def json_safe(obj):
