@@ -19,7 +19,7 @@ Each specimen is an analytic model, evaluated point by point (vectorised numpy) 
   the cochlea's orientation against the canals, canal radii and plane angles, the facial nerve's
   course, ...), not one template under a global scale.
 
-Membranes and mucosa are drawn at least 0.12 mm thick (real ones are 0.05-0.1 mm) so that the
+Membranes are drawn at least 0.12 mm thick and mucosa at least 0.1 mm (real ones are 0.05-0.1 mm) so that the
 75.2 um micro-CT of the ``quick`` preset resolves them, and bony septa between air cells at least
 0.17 mm, so that the tissue map's 0.1 mm closing keeps them: the micro-CT's own tissue map must
 stand for the truth.
@@ -68,7 +68,7 @@ PUBLISHED_RANGES = {
     "cochlea_height_mm": (3.2, 4.2, "Avci et al. 2014, J Comp Neurol 522:3245-3261; Erixon et al. 2009"),
     "canal_basal_radius_mm": (0.8, 1.0, "scala tympani + vestibuli, 2-3 mm^2 each near the base; Thorne et al. 1999, Laryngoscope 109:1661-1668"),
     "canal_apical_radius_mm": (0.35, 0.5, "Thorne et al. 1999; Avci et al. 2014"),
-    "cochlea_tilt_deg": (-12.0, 12.0, "orientation against the canals, per axis; Jeffery & Spoor 2004, J Anat 204:71-92"),
+    "cochlea_tilt_deg": (-10.0, 10.0, "orientation against the canals, per axis; Jeffery & Spoor 2004, J Anat 204:71-92"),
     "scc_anterior_radius_mm": (2.9, 3.6, "arc radius; Jeffery & Spoor 2004"),
     "scc_posterior_radius_mm": (2.8, 3.5, "Jeffery & Spoor 2004"),
     "scc_lateral_radius_mm": (2.0, 2.6, "Jeffery & Spoor 2004"),
@@ -223,7 +223,7 @@ def draw_anatomy(rng: np.random.Generator) -> dict:
         "round_window_radius_mm": u(0.5, 0.8),
         "round_window_membrane_mm": u(0.12, 0.18),
         # Vestibule and semicircular canals
-        "vestibule_center_mm": (np.array([1.0, -1.5, -0.5]) + rng.normal(0, 0.2, 3)).tolist(),
+        "vestibule_center_mm": (np.array([0.0, -1.5, -0.5]) + rng.normal(0, 0.2, 3)).tolist(),
         "vestibule_radii_mm": [u(1.5, 2.0), u(1.1, 1.5), u(1.1, 1.5)],
         "scc_major_radius_mm": [_u(rng, "scc_lateral_radius_mm"), _u(rng, "scc_anterior_radius_mm"),
                                 _u(rng, "scc_posterior_radius_mm")],
@@ -243,9 +243,9 @@ def draw_anatomy(rng: np.random.Generator) -> dict:
         "facial_nerve_height_mm": _u(rng, "facial_nerve_height_over_oval_window_mm"),
         "facial_nerve_jitter_mm": rng.normal(0, 0.5, (4, 3)).tolist(),
         # Middle ear, ossicles, membranes, mucosa, effusion
-        "middle_ear_center_mm": (np.array([4.0, 0.5, 0.3]) + rng.normal(0, 0.5, 3)).tolist(),
+        "middle_ear_center_mm": (np.array([3.0, 0.5, 0.3]) + rng.normal(0, 0.3, 3)).tolist(),
         "middle_ear_radii_mm": (np.array([3.0, 6.0, 5.5]) * u(0.85, 1.15, 3)).tolist(),
-        "mucosa_mm": u(0.12, 0.2),
+        "mucosa_mm": u(0.1, 0.15),
         "tympanic_membrane_mm": u(0.12, 0.2),
         "tympanic_membrane_radius_mm": u(3.5, 4.5),
         "tympanic_membrane_normal": _tilt(rng, (1.0, 0.0, -0.4), 15),
@@ -257,13 +257,13 @@ def draw_anatomy(rng: np.random.Generator) -> dict:
         "stapedius_tendon_radius_mm": u(0.15, 0.25),
         "tensor_tympani_radius_mm": u(0.2, 0.35),
         "effusion": effusion,
-        "effusion_level": u(0.15, 0.6) if effusion else 0.0,  # fraction of the cavity's height
+        "effusion_level": u(0.1, 0.35) if effusion else 0.0,  # fraction of the cavity's height
         # Pneumatisation: antrum, aditus, mastoid and perilabyrinthine cells
         "pneumatisation": pneumatisation,
         "antrum_offset_mm": (np.array([-1.0, -6.5, 2.5]) + rng.normal(0, 0.4, 3)).tolist(),
         "antrum_radii_mm": (np.array([2.0, 2.6, 2.0]) * (0.7 + 0.5 * pneumatisation) * u(0.85, 1.15, 3)).tolist(),
         "aditus_radius_mm": u(0.7, 1.1),
-        "mastoid_center_mm": (np.array([1.5, -6.0, 1.5]) + rng.normal(0, 0.4, 3)).tolist(),
+        "mastoid_center_mm": (np.array([0.5, -6.0, 1.5]) + rng.normal(0, 0.4, 3)).tolist(),
         "mastoid_radii_mm": (np.array([6.0, 5.5, 6.5]) * (0.55 + 0.6 * pneumatisation) * u(0.9, 1.1, 3)).tolist(),
         "air_cell_min_mm": u(0.4, 0.6),
         "air_cell_max_mm": u(2.0, 3.0) + 3.0 * pneumatisation,

@@ -137,16 +137,18 @@ class Specimen:
     params: dict = field(default_factory=dict)  #: the drawn parameters, JSON-able
 
 
-def _render(anatomy: Anatomy, M: np.ndarray, b: np.ndarray, size_xyz, spacing, origin):
-    """Material codes and bone density on an axis-aligned grid whose physical points ``x`` lie at
-    ``M @ x + b`` in the specimen's frame; slab by slab, so memory stays bounded."""
+def _render(anatomy: Anatomy, M: np.ndarray, b: np.ndarray, size_xyz, spacing, origin, structures: bool = False):
+    """Material codes and bone density (and, with ``structures``, structure codes) on an
+    axis-aligned grid whose physical points ``x`` lie at ``M @ x + b`` in the specimen's frame;
+    slab by slab, so memory stays bounded."""
     nx, ny, nz = size_xyz
     A = np.asarray(M, float) @ np.diag(spacing)  # index (i, j, k) -> specimen frame
     c = np.asarray(M, float) @ np.asarray(origin, float) + np.asarray(b, float)
     i = np.arange(nx, dtype=np.float32)[None, None, :]
     j = np.arange(ny, dtype=np.float32)[None, :, None]
-    mat = np.empty((nz, ny, nx), np.uint8)
-    dens = np.empty((nz, ny, nx), np.float32)
+    out = [np.empty((nz, ny, nx), np.uint8), np.empty((nz, ny, nx), np.float32)]
+    if structures:
+        out.append(np.empty((nz, ny, nx), np.uint8))
     step = max(1, _CHUNK // (nx * ny))
     for z0 in range(0, nz, step):
         z1 = min(nz, z0 + step)
@@ -155,10 +157,21 @@ def _render(anatomy: Anatomy, M: np.ndarray, b: np.ndarray, size_xyz, spacing, o
         for r in range(3):
             row = np.float32(c[r]) + np.float32(A[r, 0]) * i + np.float32(A[r, 1]) * j + np.float32(A[r, 2]) * k
             q[r] = row.ravel()
-        m, d = anatomy.materials(q)
-        mat[z0:z1] = m.reshape(z1 - z0, ny, nx)
-        dens[z0:z1] = d.reshape(z1 - z0, ny, nx)
-    return mat, dens
+        for array, values in zip(out, anatomy.materials(q, structures=structures)):
+            array[z0:z1] = values.reshape(z1 - z0, ny, nx)
+    return tuple(out)
+
+
+def structure_map(specimen: "Specimen", preset=None) -> np.ndarray:
+    """The anatomical structure of every micro-CT voxel (codes of
+    :data:`~MicroCTSynthLib.anatomy.STRUCTURES`; 255 outside the field of view)."""
+    cfg = load_preset(specimen.params.get("preset", "quick") if preset is None else preset)
+    size, spacing, origin = _microct_geometry(cfg)
+    center = np.asarray(origin) + (np.asarray(size) - 1) / 2.0 * np.asarray(spacing)
+    M, b = _pose(specimen.params, center)
+    codes = _render(Anatomy(specimen.params["anatomy"]), M, b, size, spacing, origin, structures=True)[2]
+    codes[specimen.labels.array == OUTSIDE] = 255
+    return codes
 
 
 def _pose(params: dict, center: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
