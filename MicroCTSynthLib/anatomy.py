@@ -171,7 +171,7 @@ def solve_spiral(turns, basal_diameter, duct_length, height, R0, R1, r1) -> dict
     s = np.linspace(0.0, 1.0, 400)
     s_pi = math.pi / theta_max
     best = None
-    for p in np.linspace(1.0, 3.5, 51):
+    for p in np.linspace(1.0, 6.0, 101):
         # A = (r(0) + R(0)) + (r(pi) + R(pi)), linear in r0.
         w = (1.0 - s_pi) ** p
         r0 = (basal_diameter - R0 - _canal_radius(s_pi, R0, R1) - r1 * (1.0 - w)) / (1.0 + w)
