@@ -64,7 +64,7 @@ STRUCTURE_CODE = {name: code for code, (name, _) in STRUCTURES.items()}
 PUBLISHED_RANGES = {
     "cochlea_turns": (2.2, 2.9, "Erixon et al. 2009, Otol Neurotol 30:14-22"),
     "cochlea_basal_diameter_mm": (8.0, 10.0, "A value; Escude et al. 2006, Audiol Neurootol 11 S1:27-33; Wurfel et al. 2014, Hear Res 316:65-72"),
-    "cochlear_duct_length_mm": (32.0, 42.0, "lateral wall; Wurfel et al. 2014; Koch et al. 2017, Otol Neurotol 38:e92-e99"),
+    "cochlear_duct_length_mm": (32.0, 42.0, "lateral wall; Wurfel et al. 2014; Koch et al. 2017, Otol Neurotol"),
     "cochlea_height_mm": (3.2, 4.2, "Avci et al. 2014, J Comp Neurol 522:3245-3261; Erixon et al. 2009"),
     "canal_basal_radius_mm": (0.8, 1.0, "scala tympani + vestibuli, 2-3 mm^2 each near the base; Thorne et al. 1999, Laryngoscope 109:1661-1668"),
     "canal_apical_radius_mm": (0.35, 0.5, "Thorne et al. 1999; Avci et al. 2014"),
@@ -75,10 +75,10 @@ PUBLISHED_RANGES = {
     "scc_lumen_radius_mm": (0.35, 0.5, "bony canal diameter 0.7-1 mm; Curthoys & Oman 1987, Acta Otolaryngol 103:254-261"),
     "scc_plane_tilt_deg": (-10.0, 10.0, "inter-canal angles 90 +- 10 deg; Bradshaw et al. 2010, JARO 11:145-159; Della Santina et al. 2005, JARO 6:191-206"),
     "iac_diameter_mm": (3.0, 6.0, "2-8 mm, mostly 4-5; Valvassori & Pierce 1964, AJR 92:1232-1241"),
-    "cochlear_nerve_diameter_mm": (0.8, 1.3, "Kang et al. 2010, AJNR 31:1113"),
-    "facial_nerve_diameter_mm": (0.8, 1.4, "Vianna et al. 2014, Otol Neurotol 35:e237"),
-    "facial_nerve_height_over_oval_window_mm": (0.5, 2.0, "Dimopoulos & Muren 1990; Li et al. 2019"),
-    "air_cell_size_mm": (0.4, 6.0, "sub-millimetre to several millimetres; Virapongse et al. 1985, AJNR 6:551-559"),
+    "cochlear_nerve_diameter_mm": (0.8, 1.3, "about 1 mm in MRI of the internal auditory canal (approximate)"),
+    "facial_nerve_diameter_mm": (0.8, 1.4, "about 1 mm in its tympanic segment (approximate)"),
+    "facial_nerve_height_over_oval_window_mm": (0.5, 2.0, "the tympanic segment lies just above the oval window (approximate)"),
+    "air_cell_size_mm": (0.4, 6.0, "sub-millimetre to several millimetres (approximate)"),
 }
 
 
