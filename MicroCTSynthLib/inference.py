@@ -35,7 +35,7 @@ from .errors import MicroCTSynthError
 PRECISIONS = ("auto", "fp32", "bf16")
 BACKENDS = ("auto", "torch", "openvino")
 
-#: Voxels per forward call when ``sw_batch_size="auto"``: on a CPU 8 windows of 24³ (the quick
+#: Voxels per forward call when ``sw_batch_size="auto"``: on a CPU 9 windows of 24³ (the quick
 #: preset) or 32 of 16³, one of 96³; on a GPU four 96³ windows (about 2 GB of activations in bf16).
 AUTO_BATCH_VOXELS = {"cpu": 2**17, "cuda": 2**22}
 MAX_AUTO_BATCH = 32
