@@ -424,6 +424,16 @@ class _Passes(nn.Module):
         return torch.cat(channels, dim=1)
 
 
+def _passes(generator: nn.Module, samples: int, multitask: bool) -> _Passes:
+    """One _Passes per generator and setting, kept with the generator (not a submodule: no state), so
+    that a network compiled for it (OpenVINO) is reused by later syntheses (the cases of an experiment)."""
+    per_generator = generator.__dict__.setdefault("_synthesis_passes", {})
+    key = (int(samples), bool(multitask))
+    if key not in per_generator:
+        per_generator[key] = _Passes(generator, samples, multitask)
+    return per_generator[key]
+
+
 def _entropy(probabilities: np.ndarray, axis=0) -> np.ndarray:
     """Entropy of class probabilities along ``axis``, normalised by log(n_classes) to [0, 1]."""
     p = np.clip(probabilities, 1e-12, 1.0)
@@ -508,7 +518,7 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
     generator = generator.to(device).eval()
     if samples > 1 and enable_dropout(generator) == 0:
         log("The model has no dropout: all samples are equal and the uncertainty is zero.", _mode(progress))
-    predictor = _Passes(generator, samples, multitask)
+    predictor = _passes(generator, samples, multitask)
     if samples > 1 and backend in (None, "auto"):
         backend = "torch"  # stochastic passes keep dropout on, which only PyTorch runs
     runner = WindowPredictor(predictor, roi, device, precision, backend)
