@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -28,6 +28,13 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_synthesis.py
+
+# On a machine with a CUDA GPU: seconds per training iteration of the paper preset in fp32 and
+# bf16 (autocast), then synthesis throughput against MONAI's sliding_window_inference.
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/bench_train.py --preset paper --device cuda
+	$(PY) benchmarks/bench_train.py --preset paper --device cuda --amp
+	$(PY) benchmarks/bench_synthesis.py --preset quick,paper --device cuda --no-agreement --no-roi
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -208,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", help="write the voxel-wise standard deviation of N stochastic passes here")
     p.add_argument("--entropy", help="write the tissue map's entropy of N stochastic passes here")
     p.add_argument("--samples", type=int, default=1, help="stochastic passes with dropout on (uncertainty)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 where the CPU or GPU computes it natively, else fp32")
+    p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+                   help="auto: OpenVINO on the CPU when installed (pip install openvino), else PyTorch")
+    p.add_argument("--sw-batch-size", default="auto", metavar="N", help="windows per network call (auto: by window size)")
     _device(p)
     _progress(p)
 

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from .errors import MicroCTSynthError
+from .inference import WindowPredictor, resolve_batch_size, resolve_device
 from .labels import AIR, OUTSIDE
 from .progress import Progress, emit_json, log
 from .volume import Volume, read_volume, write_volume
@@ -64,9 +65,9 @@ class SynthesisResult:
     """The synthetic micro-CT and tissue map on the output grid, and their uncertainty.
 
     ``std``: voxel-wise standard deviation of the synthetic micro-CT over the stochastic
-    passes (micro-CT units; zero with one deterministic pass). ``entropy``: entropy of the
+    passes (micro-CT units; None with one deterministic pass). ``entropy``: entropy of the
     tissue map, normalised by log(3) to [0, 1] (0 certain, 1 all three classes equally
-    likely). Both are 0 outside the field of view.
+    likely; None unless asked for). Both are 0 outside the field of view.
     """
 
     microct: Volume
@@ -132,74 +133,96 @@ def _check_overlap(overlap: float) -> float:
     return overlap
 
 
-def _as_tuple(out) -> tuple:
-    if isinstance(out, torch.Tensor):
-        return (out,)
-    if isinstance(out, (tuple, list)):
-        return tuple(out)
-    raise TypeError(f"The predictor must return a tensor or a tuple of tensors, not {type(out).__name__}.")
+def weight_sum(lo: int, hi: int, starts, roi, weight: np.ndarray, shape_yx) -> np.ndarray:
+    """``sum(w)`` over all windows of the grid ``starts`` (z, y, x lists) on planes [lo, hi), float32.
+
+    The blend's denominator is computed only for the planes being finished, so no volume-sized
+    weight map is ever kept (MONAI keeps one, ``count_map``, the size of the output).
+    """
+    out = np.zeros((hi - lo, *shape_yx), dtype=np.float32)
+    for z in starts[0]:
+        a, b = max(lo, z), min(hi, z + roi[0])
+        if b <= a:
+            continue
+        w = weight[a - z:b - z]
+        for y in starts[1]:
+            for x in starts[2]:
+                out[a - lo:b - lo, y:y + roi[1], x:x + roi[2]] += w
+    return out
 
 
-class _Accumulator:
-    """``sum(w * pred)`` and ``sum(w)`` over a box of voxels ``[start, start + shape)`` on the CPU."""
+class _Blend:
+    """``sum(w * pred)`` of the windows, in place, over the planes [start, start + depth) of the working grid.
 
-    def __init__(self, start, shape):
-        self.start = np.asarray(start, dtype=int)
-        self.shape = tuple(int(s) for s in shape)
-        self.numerators: list[np.ndarray] | None = None
-        self.weight = np.zeros(self.shape, dtype=np.float32)
+    ``numerators`` (one (C_out, depth, H, W) float32 array per output) are made on the first
+    window, or handed over (``into``) to blend straight into the caller's output arrays.
+    """
 
-    def add_weight(self, position, weight):
-        self.weight[self._box(position, weight.shape)] += weight
+    def __init__(self, start: int, depth: int, shape_yx, into=None):
+        self.start, self.depth, self.shape_yx = int(start), int(depth), tuple(int(s) for s in shape_yx)
+        self.numerators = into
 
-    def add(self, position, outputs: Sequence[np.ndarray], weight: np.ndarray):
+    def add(self, position, outputs, weight: np.ndarray):
         if self.numerators is None:
-            self.numerators = [np.zeros((o.shape[0], *self.shape), dtype=np.float32) for o in outputs]
-        box = (slice(None),) + self._box(position, weight.shape)
+            self.numerators = [np.zeros((o.shape[0], self.depth, *self.shape_yx), dtype=np.float32) for o in outputs]
+        z, y, x = int(position[0]) - self.start, int(position[1]), int(position[2])
+        box = (slice(None), slice(z, z + weight.shape[0]), slice(y, y + weight.shape[1]), slice(x, x + weight.shape[2]))
         for numerator, out in zip(self.numerators, outputs):
             np.multiply(out, weight, out=out)
             numerator[box] += out
 
-    def _box(self, position, shape):
-        lo = np.asarray(position, dtype=int) - self.start
-        return tuple(slice(a, a + n) for a, n in zip(lo, shape))
 
+def _run_windows(image: torch.Tensor, origin_z: int, positions, roi, runner: WindowPredictor, batch_size: int,
+                 weight: np.ndarray, blend: _Blend, progress=None, n_outputs=None, background=None):
+    """Run the windows of ``image`` (C, D, H, W, CPU; plane 0 is ``origin_z``) at ``positions`` and blend them.
 
-def _run_windows(image: torch.Tensor, positions, roi, predictor, sw_batch_size, device, weight, accumulator,
-                 progress=None, n_outputs=None):
-    """Run ``predictor`` on the windows of ``image`` (C, D, H, W, CPU) at ``positions`` and accumulate.
-
-    ``positions`` are window starts in the accumulator's coordinates; ``image`` starts at
-    ``accumulator.start``. Windows go to ``device`` in batches of ``sw_batch_size``; the
-    weighted predictions come back to the CPU at once.
+    Windows go to the device ``batch_size`` at a time. With ``background`` (a number), a window
+    whose every voxel is at or below it (outside the CT, or air below the CT window's floor)
+    is not run: it takes the network's output for a window filled with ``background``,
+    computed once.
     """
-    origin = accumulator.start
-    for b in range(0, len(positions), sw_batch_size):
-        batch = positions[b:b + sw_batch_size]
-        windows = []
-        for p in batch:
-            z, y, x = (np.asarray(p) - origin).tolist()
-            windows.append(image[:, z:z + roi[0], y:y + roi[1], x:x + roi[2]])
-        x_in = torch.stack(windows).to(device, non_blocking=False)
-        with torch.inference_mode():
-            outs = _as_tuple(predictor(x_in))
+    def window(p):
+        z, y, x = int(p[0]) - origin_z, int(p[1]), int(p[2])
+        return image[:, z:z + roi[0], y:y + roi[1], x:x + roi[2]]
+
+    def check(outs, count):
         if n_outputs is not None and len(outs) != n_outputs:
             raise ValueError(f"The predictor returned {len(outs)} outputs, {n_outputs} were expected.")
-        outs = [o.detach().to("cpu", torch.float32).numpy() for o in outs]
-        for i, p in enumerate(batch):
-            for o in outs:
-                if tuple(o.shape[2:]) != tuple(roi):
-                    raise ValueError(f"The predictor returned windows of {tuple(o.shape[2:])}, not {tuple(roi)}.")
-            accumulator.add(p, [o[i] for o in outs], weight)
+        for o in outs:
+            if o.shape[0] != count or tuple(o.shape[2:]) != tuple(roi):
+                raise ValueError(f"The predictor returned windows of {tuple(o.shape[2:])}, not {tuple(roi)}.")
+
+    def tell(n):
         if hasattr(progress, "update"):
-            progress.update(len(batch))
+            progress.update(n)
         elif progress is not None:
-            progress(len(batch))
+            progress(n)
+
+    run, skipped = list(positions), []
+    if background is not None:
+        run, skipped = [], []
+        for p in positions:
+            (skipped if float(window(p).max()) <= background else run).append(p)
+    if skipped:
+        filled = torch.full((1, image.shape[0], *roi), float(background), dtype=torch.float32)
+        outs = runner.predict(filled)
+        check(outs, 1)
+        for p in skipped:
+            blend.add(p, [o[0].copy() for o in outs], weight)
+        tell(len(skipped))
+    for a in range(0, len(run), batch_size):
+        batch = run[a:a + batch_size]
+        outs = runner.predict(torch.stack([window(p) for p in batch]))
+        check(outs, len(batch))
+        for i, p in enumerate(batch):
+            blend.add(p, [o[i] for o in outs], weight)
+        tell(len(batch))
+    return len(run), len(skipped)
 
 
 def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callable, roi_size, overlap=0.5,
-                             mode="gaussian", sw_batch_size=1, device="cpu", n_outputs=None, progress=None,
-                             cval=0.0):
+                             mode="gaussian", sw_batch_size="auto", device="cpu", n_outputs=None, progress=None,
+                             cval=0.0, precision="auto", backend="auto", background=None):
     """Patch-wise inference of ``predictor`` over ``image``, blended: ``sum(w * pred) / sum(w)``.
 
     The same contract as MONAI's ``sliding_window_inference``: ``image`` is (D, H, W),
@@ -212,6 +235,13 @@ def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callab
     (1, C_out, D, H, W) for a 5D input), as numpy or torch like ``image``; a single output is
     returned bare. ``progress``: a :class:`Progress` or a callable, told the number of
     windows done.
+
+    Beyond MONAI (see :mod:`MicroCTSynthLib.inference`): ``precision`` (``"auto"``: bf16 where
+    the hardware has it), ``backend`` (``"auto"``: OpenVINO on a CPU when installed),
+    ``sw_batch_size="auto"``, and ``background``: windows at or below that value everywhere are
+    not run (see :func:`_run_windows`). ``precision="fp32", backend="torch"`` gives MONAI's
+    result. The windows are blended in place into the output, whose denominator is computed
+    plane by plane: the only volume-sized array is the output itself.
     """
     as_torch = isinstance(image, torch.Tensor)
     array = image.detach().cpu() if as_torch else torch.from_numpy(np.ascontiguousarray(image))
@@ -227,6 +257,8 @@ def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callab
     array = array.float()
     roi = _triple(roi_size, "roi_size", int)
     overlap = _check_overlap(overlap)
+    runner = WindowPredictor(predictor, roi, device, precision, backend)
+    batch_size = resolve_batch_size(sw_batch_size, roi, runner.device)
     size = tuple(array.shape[1:])
     pad_before = [max(r - s, 0) // 2 for r, s in zip(roi, size)]
     pad_after = [max(r - s, 0) - b for r, s, b in zip(roi, size, pad_before)]
@@ -239,17 +271,21 @@ def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callab
     starts = [patch_starts(n, r, overlap) for n, r in zip(work, roi)]
     positions = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
     weight = importance_map(roi, mode)
-    acc = _Accumulator((0, 0, 0), work)
-    for p in positions:
-        acc.add_weight(p, weight)
-    _run_windows(array, positions, roi, predictor, sw_batch_size, device, weight, acc, progress, n_outputs)
-    crop = tuple(slice(b, b + n) for b, n in zip(pad_before, size))
+    blend = _Blend(0, work[0], work[1:])
+    _run_windows(array, 0, positions, roi, runner, batch_size, weight, blend, progress, n_outputs, background)
+    # Normalise in place, a window deep at a time: no volume-sized weight map.
+    for lo in range(0, work[0], roi[0]):
+        hi = min(lo + roi[0], work[0])
+        denominator = weight_sum(lo, hi, starts, roi, weight, work[1:])
+        for numerator in blend.numerators:
+            numerator[:, lo:hi] /= denominator
+    crop = (slice(None),) + tuple(slice(b, b + n) for b, n in zip(pad_before, size))
     outputs = []
-    for numerator in acc.numerators:
-        out = numerator[(slice(None),) + crop] / acc.weight[crop]
+    for numerator in blend.numerators:
+        out = numerator[crop] if any(pad_before) or any(pad_after) else numerator
         if ndim == 5:
             out = out[None]
-        outputs.append(torch.from_numpy(out) if as_torch else out)
+        outputs.append(torch.from_numpy(np.ascontiguousarray(out)) if as_torch else out)
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
@@ -388,6 +424,16 @@ class _Passes(nn.Module):
         return torch.cat(channels, dim=1)
 
 
+def _passes(generator: nn.Module, samples: int, multitask: bool) -> _Passes:
+    """One _Passes per generator and setting, kept with the generator (not a submodule: no state), so
+    that a network compiled for it (OpenVINO) is reused by later syntheses (the cases of an experiment)."""
+    per_generator = generator.__dict__.setdefault("_synthesis_passes", {})
+    key = (int(samples), bool(multitask))
+    if key not in per_generator:
+        per_generator[key] = _Passes(generator, samples, multitask)
+    return per_generator[key]
+
+
 def _entropy(probabilities: np.ndarray, axis=0) -> np.ndarray:
     """Entropy of class probabilities along ``axis``, normalised by log(n_classes) to [0, 1]."""
     p = np.clip(probabilities, 1e-12, 1.0)
@@ -410,45 +456,57 @@ def _otsu_tissue(volume: Volume, fov: np.ndarray, closing_radius_mm=None) -> np.
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
-def _resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise MicroCTSynthError(f"Unknown device '{device}': use auto, cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MicroCTSynthError("CUDA was asked for but no CUDA GPU is available here; use --device cpu or auto.")
-    return dev
+def _slab_groups(rows, roi_z: int, plane: int, chunk_voxels: int) -> list:
+    """Rows of windows (z starts) grouped into slabs of about ``chunk_voxels`` (at least one row each)."""
+    groups, i = [], 0
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and (rows[j + 1] - rows[i] + roi_z) * plane <= chunk_voxels:
+            j += 1
+        groups.append(rows[i:j + 1])
+        i = j + 1
+    return groups
 
 
 def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normalization, patch_size: int,
                        multitask: bool = False, overlap=0.5, blend="gaussian", samples=1, device="cpu",
-                       progress="none", chunk_voxels=DEFAULT_CHUNK_VOXELS, sw_batch_size=1,
-                       closing_radius_mm=None, spacing_mm=None) -> SynthesisResult:
+                       progress="none", chunk_voxels=DEFAULT_CHUNK_VOXELS, sw_batch_size="auto",
+                       closing_radius_mm=None, spacing_mm=None, precision="auto", backend="auto",
+                       entropy=None, skip_background=True) -> SynthesisResult:
     """Synthesize ``ct`` onto ``grid`` with ``generator`` (any module with the Generator's outputs).
 
     The CT is resampled (linear, outside the CT the darkest value of the CT window) onto the
     grid one slab of patch rows at a time, normalised (``normalization.ct_to_net``), run
-    patch-wise and blended; finished planes leave the slab as soon as no later patch covers
-    them, the rest carries over. See the module docstring for the outputs. ``spacing_mm``: the
-    model's voxel size; when ``grid``'s differs, the synthesis runs at the model's voxel size
-    over the grid's field of view and is resampled onto ``grid`` (labels by nearest neighbour).
+    patch-wise and blended in place; finished planes leave the slab as soon as no later patch
+    covers them (a multitask model's labels are decided there, uint8), the rest carries over.
+    See the module docstring for the outputs. ``spacing_mm``: the model's voxel size; when
+    ``grid``'s differs, the synthesis runs at the model's voxel size over the grid's field of
+    view and is resampled onto ``grid`` (labels by nearest neighbour).
+
+    Only what is asked for is kept: ``std`` with ``samples`` > 1, ``entropy`` when ``entropy``
+    is true (default: with ``samples`` > 1); otherwise they are None. ``precision``,
+    ``backend``, ``sw_batch_size``: see :mod:`MicroCTSynthLib.inference`.
+    ``skip_background``: windows wholly at the CT window's floor (outside the CT, or air darker
+    than the window) take the network's output for such a window, computed once, instead of
+    running (the same result, bar round-off).
     """
+    samples = int(samples)
+    if samples < 1:
+        raise MicroCTSynthError(f"The number of samples must be at least 1, not {samples}.")
+    want_entropy = samples > 1 if entropy is None else bool(entropy)
     if spacing_mm is not None and not np.allclose(grid.spacing, _triple(spacing_mm, "spacing_mm"), rtol=0.01):
         # The network only knows its own voxel size: synthesize at it over the same field of
         # view, then resample onto the requested grid.
         work = regrid(grid, spacing_mm)
         result = synthesize_on_grid(ct, work, generator, normalization, patch_size, multitask, overlap, blend, samples,
-                                    device, progress, chunk_voxels, sw_batch_size, closing_radius_mm)
+                                    device, progress, chunk_voxels, sw_batch_size, closing_radius_mm,
+                                    precision=precision, backend=backend, entropy=want_entropy,
+                                    skip_background=skip_background)
         return _resample_result(result, grid, field_of_view(ct, grid), float(normalization.net_to_microct(np.float32(-1.0))))
     overlap = _check_overlap(overlap)
     if blend not in BLEND_MODES:
         raise MicroCTSynthError(f"The blending mode must be one of {', '.join(BLEND_MODES)}, not {blend!r}.")
-    samples = int(samples)
-    if samples < 1:
-        raise MicroCTSynthError(f"The number of samples must be at least 1, not {samples}.")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     roi = (int(patch_size),) * 3
     ct_image = ct.to_sitk()
     if ct_image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
@@ -460,122 +518,126 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
     generator = generator.to(device).eval()
     if samples > 1 and enable_dropout(generator) == 0:
         log("The model has no dropout: all samples are equal and the uncertainty is zero.", _mode(progress))
-    predictor = _Passes(generator, samples, multitask)
+    predictor = _passes(generator, samples, multitask)
+    if samples > 1 and backend in (None, "auto"):
+        backend = "torch"  # stochastic passes keep dropout on, which only PyTorch runs
+    runner = WindowPredictor(predictor, roi, device, precision, backend)
+    batch_size = resolve_batch_size(sw_batch_size, roi, runner.device)
+    log(f"Synthesis: {runner.description}, {batch_size} window{'s' if batch_size > 1 else ''} per call.", _mode(progress))
 
     # Work on a grid at least a window wide; the CT fills the margin (cropped at the end).
     shape = np.asarray(grid.shape)
     pad_before = np.maximum(np.asarray(roi) - shape, 0) // 2
     work = np.maximum(shape, roi)
+    shape_yx = (int(work[1]), int(work[2]))
     starts = [patch_starts(int(n), r, overlap) for n, r in zip(work, roi)]
     weight = importance_map(roi, blend)
     n_windows = len(starts[0]) * len(starts[1]) * len(starts[2])
-
-    # Slabs of whole rows of windows along z, each about chunk_voxels deep (at least one row).
-    plane = int(work[1] * work[2])
-    rows = starts[0]
-    groups, i = [], 0
-    while i < len(rows):
-        j = i
-        while j + 1 < len(rows) and (rows[j + 1] - rows[i] + roi[0]) * plane <= chunk_voxels:
-            j += 1
-        groups.append(rows[i:j + 1])
-        i = j + 1
+    groups = _slab_groups(starts[0], roi[0], int(work[1] * work[2]), chunk_voxels)
+    outside_value = float(normalization.ct_window[0]) if hasattr(normalization, "ct_window") else -1000.0
+    floor = float(np.min(normalization.ct_to_net(np.float32([outside_value, outside_value - 1.0]))))
 
     out_microct = np.zeros(grid.shape, dtype=np.float32)
-    out_std = np.zeros(grid.shape, dtype=np.float32)
-    out_probabilities = np.zeros((3, *grid.shape), dtype=np.float32) if multitask else None
+    out_std = np.zeros(grid.shape, dtype=np.float32) if samples > 1 else None
+    out_labels = np.zeros(grid.shape, dtype=np.uint8) if multitask else None
+    out_entropy = np.zeros(grid.shape, dtype=np.float32) if want_entropy else None
     passes_dir = None
     out_passes = None
-    if samples > 1 and not multitask:
+    if samples > 1 and not multitask and want_entropy:
         # Single-task entropy needs each pass' whole volume (Otsu is global): kept on disk.
         passes_dir = tempfile.TemporaryDirectory(prefix="microctsynth-passes-")
         out_passes = np.lib.format.open_memmap(os.path.join(passes_dir.name, "passes.npy"), mode="w+",
                                                dtype=np.float32, shape=(samples, *grid.shape))
-    outside_value = float(normalization.ct_window[0]) if hasattr(normalization, "ct_window") else -1000.0
 
-    def flush(acc: _Accumulator, z_end: int):
+    def flush(acc: _Blend, z_end: int):
         """Write planes [acc.start, z_end) of the working grid into the outputs."""
-        z0 = int(acc.start[0])
+        z0 = acc.start
         lo, hi = max(z0, int(pad_before[0])), min(z_end, int(pad_before[0] + shape[0]))
         if hi <= lo:
             return
         src = (slice(lo - z0, hi - z0), slice(pad_before[1], pad_before[1] + shape[1]),
                slice(pad_before[2], pad_before[2] + shape[2]))
         dst = slice(lo - pad_before[0], hi - pad_before[0])
-        blended = acc.numerators[0][(slice(None),) + src] / acc.weight[src]
+        blended = acc.numerators[0][(slice(None),) + src]
+        blended /= weight_sum(lo, hi, starts, roi, weight, shape_yx)[(slice(None),) + src[1:]]
         passes = normalization.net_to_microct(blended[:samples]).astype(np.float32)
         out_microct[dst] = passes.mean(axis=0)
-        if samples > 1:
+        if out_std is not None:
             out_std[dst] = passes.std(axis=0)
         if out_passes is not None:
             out_passes[:, dst] = passes
         if multitask:
-            out_probabilities[:, dst] = blended[samples:samples + 3]
+            probabilities = blended[samples:samples + 3]
+            out_labels[dst] = np.argmax(probabilities, axis=0).astype(np.uint8) + AIR
+            if out_entropy is not None:
+                out_entropy[dst] = _entropy(probabilities)
 
     progress_bar = progress if isinstance(progress, Progress) else Progress(n_windows, "synthesize", _mode(progress), unit="patch")
     carry = None
+    skipped = 0
     try:
         for g, group in enumerate(groups):
             z_lo, z_hi = group[0], group[-1] + roi[0]
-            acc = _Accumulator((z_lo, 0, 0), (z_hi - z_lo, int(work[1]), int(work[2])))
-            if carry is not None:
+            acc = _Blend(z_lo, z_hi - z_lo, shape_yx)
+            if carry is not None and carry.numerators is not None:
                 # Partial sums of the previous slab's windows that reach into this one.
-                c_lo = int(carry.start[0])
-                keep = slice(z_lo - c_lo, carry.shape[0])
-                n_keep = carry.shape[0] - (z_lo - c_lo)
+                n_keep = carry.start + carry.depth - z_lo
                 if n_keep > 0:
-                    acc.weight[:n_keep] += carry.weight[keep]
-                    acc.numerators = [np.zeros((c.shape[0], *acc.shape), dtype=np.float32) for c in carry.numerators]
+                    acc.numerators = [np.zeros((c.shape[0], acc.depth, *shape_yx), dtype=np.float32)
+                                      for c in carry.numerators]
                     for a, c in zip(acc.numerators, carry.numerators):
-                        a[:, :n_keep] += c[:, keep]
-                carry = None  # only one slab in memory at a time
+                        a[:, :n_keep] = c[:, z_lo - carry.start:]
+            carry = None  # only one slab in memory at a time
             positions = [(z, y, x) for z in group for y in starts[1] for x in starts[2]]
-            for p in positions:
-                acc.add_weight(p, weight)
             # The CT on this slab of the working grid (indices relative to the output grid).
             start_xyz = (-int(pad_before[2]), -int(pad_before[1]), z_lo - int(pad_before[0]))
             size_xyz = (int(work[2]), int(work[1]), z_hi - z_lo)
             ct_slab = _resample(ct_image, grid, start_xyz, size_xyz, sitk.sitkLinear, outside_value, sitk.sitkFloat32)
             net_in = torch.from_numpy(np.ascontiguousarray(normalization.ct_to_net(ct_slab), dtype=np.float32))[None]
             del ct_slab
-            _run_windows(net_in, positions, roi, predictor, sw_batch_size, device, weight, acc, progress_bar)
+            _, n_skipped = _run_windows(net_in, z_lo, positions, roi, runner, batch_size, weight, acc, progress_bar,
+                                        background=floor if skip_background else None)
+            skipped += n_skipped
             del net_in
             z_next = groups[g + 1][0] if g + 1 < len(groups) else int(work[0])
             flush(acc, z_next)
             carry = acc
+        del carry
     finally:
         generator.eval()  # dropout off again: the caller gets the network as it was handed over
         if not isinstance(progress, Progress):
             progress_bar.close()
+    if skipped:
+        log(f"{skipped} of {n_windows} windows lie wholly outside the CT or in air below its window: "
+            "not run, they take the network's output for such a window.", _mode(progress))
 
     # Outside the CT there is nothing to synthesize from: the darkest micro-CT value, label 0.
     out_microct[~fov] = float(normalization.net_to_microct(np.float32(-1.0)))
-    out_std[~fov] = 0.0
+    if out_std is not None:
+        out_std[~fov] = 0.0
     microct = grid.with_array(out_microct)
     if multitask:
-        labels = (np.argmax(out_probabilities, axis=0) + AIR).astype(np.uint8)
-        entropy = _entropy(out_probabilities)
-        del out_probabilities
+        labels = out_labels
     else:
         log("Tissue map of the synthetic micro-CT: multi-Otsu and closing.", _mode(progress))
         labels = _otsu_tissue(microct, fov, closing_radius_mm)
-        if samples > 1:
+        if out_entropy is not None and samples > 1:
             counts = np.zeros((3, *grid.shape), dtype=np.uint16)
             for k in range(samples):
                 pass_labels = _otsu_tissue(grid.with_array(np.asarray(out_passes[k])), fov, closing_radius_mm)
                 for c in range(3):
                     counts[c] += pass_labels == c + AIR
-            entropy = _entropy(counts.astype(np.float32) / samples)
+            out_entropy = _entropy(counts.astype(np.float32) / samples)
             del counts
-        else:
-            entropy = np.zeros(grid.shape, dtype=np.float32)
     if passes_dir is not None:
         del out_passes
         passes_dir.cleanup()
     labels[~fov] = OUTSIDE
-    entropy[~fov] = 0.0
-    return SynthesisResult(microct=microct, tissue=grid.with_array(labels), std=grid.with_array(out_std),
-                           entropy=grid.with_array(entropy))
+    if out_entropy is not None:
+        out_entropy[~fov] = 0.0
+    return SynthesisResult(microct=microct, tissue=grid.with_array(labels),
+                           std=grid.with_array(out_std) if out_std is not None else None,
+                           entropy=grid.with_array(out_entropy) if out_entropy is not None else None)
 
 
 def regrid(grid: Volume, spacing_mm) -> Volume:
@@ -593,10 +655,16 @@ def _resample_result(result: SynthesisResult, grid: Volume, fov: np.ndarray, out
 
     microct = onto(result.microct, sitk.sitkLinear, sitk.sitkFloat32)
     tissue = onto(result.tissue, sitk.sitkNearestNeighbor, sitk.sitkUInt8)
-    std = onto(result.std, sitk.sitkLinear, sitk.sitkFloat32)
-    entropy = onto(result.entropy, sitk.sitkLinear, sitk.sitkFloat32)
-    microct[~fov], tissue[~fov], std[~fov], entropy[~fov] = outside, OUTSIDE, 0.0, 0.0
-    return SynthesisResult(grid.with_array(microct), grid.with_array(tissue), grid.with_array(std), grid.with_array(entropy))
+    microct[~fov], tissue[~fov] = outside, OUTSIDE
+    extras = []
+    for volume in (result.std, result.entropy):
+        if volume is None:
+            extras.append(None)
+            continue
+        array = onto(volume, sitk.sitkLinear, sitk.sitkFloat32)
+        array[~fov] = 0.0
+        extras.append(grid.with_array(array))
+    return SynthesisResult(grid.with_array(microct), grid.with_array(tissue), *extras)
 
 
 def _mode(progress) -> str:
@@ -615,14 +683,17 @@ def model_spacing(meta: dict) -> tuple[float, float, float]:
 
 
 def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=0.5, blend="gaussian",
-               samples=1, device="auto", progress="none", chunk_voxels=DEFAULT_CHUNK_VOXELS) -> SynthesisResult:
+               samples=1, device="auto", progress="none", chunk_voxels=DEFAULT_CHUNK_VOXELS, precision="auto",
+               backend="auto", sw_batch_size="auto", entropy=None) -> SynthesisResult:
     """Synthetic micro-CT and tissue map of ``ct`` with the trained model at ``model_path``.
 
     ``roi``: (centre x, y, z mm, size mm) of the output region; ``reference``: a
     :class:`Volume` (or path) whose grid the output takes; neither: the CT's field of view.
     ``overlap`` 0 is the thesis' tiling; ``blend`` "gaussian" or "constant"; ``samples`` > 1
     keeps dropout on for that many stochastic passes; ``progress`` "bar", "json", "none" or a
-    :class:`Progress`. ``chunk_voxels`` bounds the slab processed at once.
+    :class:`Progress`. ``chunk_voxels`` bounds the slab processed at once. ``precision``,
+    ``backend``, ``sw_batch_size``: see :mod:`MicroCTSynthLib.inference`; ``entropy``: see
+    :func:`synthesize_on_grid`.
     """
     from .checkpoint import load_generator
     from .data import Normalization
@@ -631,7 +702,7 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=0.5, bl
         ct = read_volume(ct, "The CT")
     if reference is not None and not isinstance(reference, Volume):
         reference = read_volume(reference, "The reference grid")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     generator, meta = load_generator(model_path, device=dev)
     normalization = Normalization.from_dict(meta["normalization"])
     multitask = meta.get("model") == "multi" or bool(meta.get("generator_args", {}).get("multitask", False))
@@ -650,7 +721,8 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=0.5, bl
     closing = (meta.get("preset") or {}).get("tissue_closing_radius_mm")
     return synthesize_on_grid(ct, grid, generator, normalization, patch_size, multitask=multitask, overlap=overlap,
                               blend=blend, samples=samples, device=dev, progress=progress, chunk_voxels=chunk_voxels,
-                              closing_radius_mm=closing, spacing_mm=spacing)
+                              closing_radius_mm=closing, spacing_mm=spacing, precision=precision, backend=backend,
+                              sw_batch_size=sw_batch_size, entropy=entropy)
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -676,7 +748,9 @@ def command_synthesize(args) -> int:
     roi = parse_roi(*args.roi) if args.roi else None
     reference = read_volume(args.reference_grid, f"The reference grid '{args.reference_grid}'") if args.reference_grid else None
     result = synthesize(ct, args.model, roi=roi, reference=reference, overlap=args.overlap, blend=args.blend,
-                        samples=args.samples, device=args.device, progress=args.progress)
+                        samples=args.samples, device=args.device, progress=args.progress,
+                        precision=getattr(args, "precision", "auto"), backend=getattr(args, "backend", "auto"),
+                        sw_batch_size=getattr(args, "sw_batch_size", "auto"), entropy=bool(getattr(args, "entropy", None)))
     outputs = {"microct": str(write_volume(result.microct, args.out_microct)),
                "tissue": str(write_volume(result.tissue, args.out_tissue))}
     if args.uncertainty:

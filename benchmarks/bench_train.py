@@ -48,7 +48,7 @@ def _value(text: str):
 
 
 def measure(preset_name: str, model: str, device: str, amp: bool, iterations: int, warmup: int,
-            overrides: dict) -> dict:
+            overrides: dict, channels_last: bool = True) -> dict:
     """Time ``iterations`` training steps of one preset in this process."""
     import torch
 
@@ -65,6 +65,13 @@ def measure(preset_name: str, model: str, device: str, amp: bool, iterations: in
     generator, discriminator = build_networks(preset, model)
     generator.to(dev).train()
     discriminator.to(dev).train()
+    if dev.type == "cuda":  # as train() runs on a GPU: cuDNN autotuning, channels-last 3D
+        from MicroCTSynthLib.inference import configure_cuda
+
+        configure_cuda(dev)
+        if channels_last:
+            generator.to(memory_format=torch.channels_last_3d)
+            discriminator.to(memory_format=torch.channels_last_3d)
     gan = GANLoss(preset["gan_mode"]).to(dev)
     weights = loss_weights(preset, model)
     lr = float(preset["lr"])
@@ -111,6 +118,7 @@ def measure(preset_name: str, model: str, device: str, amp: bool, iterations: in
             if i:
                 val_times.append(time.perf_counter() - start)
     row = {"preset": preset_name, "model": model, "device": str(dev), "amp": amp, "patch_size": n,
+           "channels_last": bool(channels_last and dev.type == "cuda"),
            "ngf": preset["ngf"], "n_blocks": preset["n_blocks"], "ndf": preset["ndf"], "n_layers_D": preset["n_layers_D"],
            "threads": torch.get_num_threads() if dev.type == "cpu" else None,
            "generator_parameters": sum(p.numel() for p in generator.parameters()),
@@ -136,6 +144,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="single", choices=("single", "multi"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only; ignored on CPU)")
+    parser.add_argument("--no-channels-last", action="store_true", help="CUDA: keep the default NCDHW layout")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -154,7 +163,8 @@ def main(argv=None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        row = measure(args.preset, args.model, args.device, args.amp, args.iterations, args.warmup, overrides)
+        row = measure(args.preset, args.model, args.device, args.amp, args.iterations, args.warmup, overrides,
+                      channels_last=not args.no_channels_last)
         print(json.dumps(row))
         return 0
 
@@ -163,6 +173,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--child", "--preset", preset, "--model", args.model, "--device", args.device,
                "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
         cmd += ["--amp"] if args.amp else []
+        cmd += ["--no-channels-last"] if args.no_channels_last else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
         for item in args.set:
             cmd += ["--set", item]
@@ -174,6 +185,7 @@ def main(argv=None) -> int:
         rows.append(row)
         if args.json != "-":
             print(f"{row['preset']:>6} {row['model']:>6} {row['device']:>7} amp={str(row['amp']):<5} "
+                  f"{'channels-last ' if row['channels_last'] else ''}"
                   f"patch {row['patch_size']:>3}^3 ngf {row['ngf']:>2}: {row['seconds_per_iteration']:8.3f} s/iteration "
                   f"(G + D), validation {row['validation_seconds_per_patch']:.3f} s/patch, "
                   f"peak memory {row['peak_memory_mib']:8.1f} MiB"

@@ -1,0 +1,258 @@
+"""How a network runs on windows: device, precision, batch size and backend (PyTorch or OpenVINO).
+
+Synthesis is a few hundred forward passes of the same network on windows of one size, so the
+choices here decide what a user waits for. Each is picked automatically and can be forced:
+
+* ``precision``: ``"auto"`` is bf16 autocast where the hardware computes in bf16 natively (a
+  CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX), else fp32. bf16 halves the
+  activations' memory; on a CPU without native bf16 it would only be emulated, slower than fp32.
+* ``sw_batch_size``: ``"auto"`` stacks small windows into one call (about :data:`AUTO_BATCH_VOXELS`
+  voxels), where per-call overheads otherwise dominate, and leaves a 96³ window alone.
+* ``backend``: ``"auto"`` is OpenVINO (``pip install openvino``, the optional extra
+  ``microctsynth[openvino]``) on a CPU when it is installed and the network is deterministic (no
+  dropout left on), else PyTorch. The network is traced once per window shape and precision and
+  the compiled model is kept with the network for later calls.
+* CUDA: ``torch.backends.cudnn.benchmark`` (every window has the same shape, so the autotuned
+  convolution is reused), channels-last 3D activations, pinned host memory and non-blocking copies.
+
+:class:`WindowPredictor` hides all of it: ``predict(batch)`` takes a (B, C, D, H, W) float32
+CPU tensor and returns the network's outputs as float32 numpy arrays.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from contextlib import nullcontext
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import MicroCTSynthError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+BACKENDS = ("auto", "torch", "openvino")
+
+#: Voxels per forward call when ``sw_batch_size="auto"``: on a CPU 9 windows of 24³ (the quick
+#: preset) or 32 of 16³, one of 96³; on a GPU four 96³ windows (about 2 GB of activations in bf16).
+AUTO_BATCH_VOXELS = {"cpu": 2**17, "cuda": 2**22}
+MAX_AUTO_BATCH = 32
+
+
+# -- device, precision, batch ------------------------------------------------------------------
+def resolve_device(device="auto") -> torch.device:
+    """``auto``: CUDA when present, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` as asked."""
+    name = str(device if device is not None else "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise MicroCTSynthError(f"Unknown device '{device}': use auto, cpu, cuda or cuda:N.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise MicroCTSynthError(f"Unknown device '{device}': use auto, cpu, cuda or cuda:N.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MicroCTSynthError("CUDA was asked for but no CUDA GPU is available here; use --device cpu or auto.")
+    return dev
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 autocast pays off."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe is not None and probe():
+                return True
+        except (RuntimeError, AttributeError):
+            pass
+    return False
+
+
+def resolve_precision(precision, device) -> torch.dtype:
+    """``auto``, ``fp32`` or ``bf16`` on ``device`` -> ``torch.float32`` or ``torch.bfloat16``."""
+    name = "auto" if precision is None else str(precision).lower()
+    name = {"float32": "fp32", "bfloat16": "bf16"}.get(name, name)
+    if name not in PRECISIONS:
+        raise MicroCTSynthError(f"The precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
+def resolve_batch_size(sw_batch_size, roi, device) -> int:
+    """Windows per forward call: ``"auto"`` (or None) fills :data:`AUTO_BATCH_VOXELS`; else the number given."""
+    if sw_batch_size is None or sw_batch_size == "auto":
+        budget = AUTO_BATCH_VOXELS.get(torch.device(device).type, AUTO_BATCH_VOXELS["cpu"])
+        return int(max(1, min(MAX_AUTO_BATCH, budget // int(np.prod(roi)))))
+    try:
+        n = int(sw_batch_size)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise MicroCTSynthError(f"The window batch size must be 'auto' or a positive number, not {sw_batch_size!r}.")
+    return n
+
+
+def autocast(device, dtype: torch.dtype):
+    """bf16 autocast on ``device`` for ``dtype`` bf16, nothing for fp32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def configure_cuda(device) -> None:
+    """cuDNN autotuning: every window (and training patch) has one shape, so the fastest kernel is found once."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+# -- backends ---------------------------------------------------------------------------------
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _deterministic(module: nn.Module) -> bool:
+    """No dropout left in training mode (OpenVINO runs a traced, inference-only network)."""
+    return not any(m.training for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd))
+
+
+def resolve_backend(backend, predictor, device) -> str:
+    """``auto``: OpenVINO for a deterministic ``nn.Module`` on the CPU when installed, else PyTorch."""
+    name = "auto" if backend is None else str(backend).lower()
+    if name not in BACKENDS:
+        raise MicroCTSynthError(f"The backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
+    device = torch.device(device)
+    if name == "openvino":
+        if not openvino_available():
+            raise MicroCTSynthError("The OpenVINO backend needs the openvino package: pip install openvino "
+                                    "(or microctsynth[openvino]), or use --backend torch.")
+        if device.type != "cpu":
+            raise MicroCTSynthError("The OpenVINO backend runs on the CPU; use --device cpu or --backend torch.")
+        if not isinstance(predictor, nn.Module):
+            raise MicroCTSynthError("The OpenVINO backend needs a network (a torch.nn.Module), not a plain function.")
+        if not _deterministic(predictor):
+            raise MicroCTSynthError("The OpenVINO backend runs the network without dropout; stochastic passes "
+                                    "(--samples above 1) need --backend torch.")
+        return "openvino"
+    if name == "auto" and device.type == "cpu" and isinstance(predictor, nn.Module) and _deterministic(predictor) \
+            and openvino_available():
+        return "openvino"
+    return "torch"
+
+
+class WindowPredictor:
+    """A network (or any callable on (B, C, *roi) tensors) run on batches of windows.
+
+    ``predict(batch)`` takes a float32 CPU tensor (B, C, *roi) and returns a tuple of float32
+    numpy arrays (B, C_out, *roi), one per output of the network.
+    """
+
+    def __init__(self, predictor: Callable, roi, device="cpu", precision="auto", backend="auto", channels_last=None):
+        self.device = resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        self.backend = resolve_backend(backend, predictor, self.device)
+        self.roi = tuple(int(r) for r in roi)
+        self.predictor = predictor
+        # Channels-last 3D feeds cuDNN's fastest bf16 / tf32 kernels; on the CPU oneDNN picks its own layout.
+        self.channels_last = (self.device.type == "cuda") if channels_last is None else bool(channels_last)
+        self._compiled = None
+        self._request = None
+        if self.backend == "torch":
+            configure_cuda(self.device)
+            if self.channels_last and isinstance(predictor, nn.Module):
+                predictor.to(memory_format=torch.channels_last_3d)
+
+    @property
+    def description(self) -> str:
+        return f"{self.backend} {precision_name(self.dtype)} on {self.device}"
+
+    def predict(self, batch: torch.Tensor) -> tuple:
+        if self.backend == "openvino":
+            return self._predict_openvino(batch)
+        return self._predict_torch(batch)
+
+    def _predict_torch(self, batch: torch.Tensor) -> tuple:
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last_3d)
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            outs = self.predictor(batch)
+        outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+        if not isinstance(outs, (tuple, list)) or not all(isinstance(o, torch.Tensor) for o in outs):
+            raise TypeError(f"The predictor must return a tensor or a tuple of tensors, not {type(outs).__name__}.")
+        return tuple(o.detach().to("cpu", torch.float32).contiguous().numpy() for o in outs)
+
+    def _predict_openvino(self, batch: torch.Tensor) -> tuple:
+        if self._compiled is None:
+            self._compiled = compiled_openvino_model(self.predictor, int(batch.shape[1]), self.roi, self.dtype)
+        if self._request is None:
+            self._request = self._compiled.create_infer_request()
+        result = self._request.infer({0: np.ascontiguousarray(batch.numpy(), dtype=np.float32)})
+        return tuple(np.asarray(result[o], dtype=np.float32).copy() for o in self._compiled.outputs)
+
+
+#: Compiled OpenVINO models per network, keyed by window shape, precision and the weights' identity.
+_OPENVINO_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _weights_key(module: nn.Module) -> tuple:
+    # A parameter's _version grows with every in-place change (an optimizer step), so a network
+    # trained further after it was compiled is compiled again.
+    return tuple((p.data_ptr(), p._version) for p in module.parameters())
+
+
+def compiled_openvino_model(module: nn.Module, channels: int, roi, dtype: torch.dtype):
+    """``module`` traced on a small window, reshaped to (any batch, ``channels``, *roi), compiled for the CPU.
+
+    Kept with the network (weakly) so that later calls with the same window shape, precision and
+    weights reuse it.
+    """
+    import openvino as ov
+
+    key = (channels, tuple(roi), precision_name(dtype), torch.get_num_threads(), _weights_key(module))
+    cache = _OPENVINO_CACHE.setdefault(module, {})
+    if key in cache:
+        return cache[key]
+    cache.clear()  # older weights or shapes: free their compiled models
+    was_training = module.training
+    module.eval()
+    try:
+        # Tracing runs the network once: a small window (multiple of 4, as the generator needs) is enough.
+        example = torch.zeros(1, channels, *[min(int(r), 16) for r in roi])
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on shape checks, meant for developers
+            model = ov.convert_model(module, example_input=example)
+        model.reshape([ov.Dimension(-1), channels, *[int(r) for r in roi]])
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32",
+                  "INFERENCE_NUM_THREADS": int(torch.get_num_threads())}
+        compiled = ov.Core().compile_model(model, "CPU", config)
+    except Exception as exc:  # noqa: BLE001 - any conversion failure becomes one sentence
+        raise MicroCTSynthError(f"OpenVINO could not convert the network ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}); use --backend torch.") from None
+    finally:
+        module.train(was_training)
+    cache[key] = compiled
+    return compiled
+
+
+__all__ = ["PRECISIONS", "BACKENDS", "resolve_device", "resolve_precision", "resolve_batch_size", "resolve_backend",
+           "cpu_has_native_bf16", "openvino_available", "autocast", "configure_cuda", "WindowPredictor",
+           "compiled_openvino_model", "precision_name"]
