@@ -9,6 +9,7 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from MicroCTSynthLib import inference
+from MicroCTSynthLib.data import Normalization
 from MicroCTSynthLib.errors import MicroCTSynthError
 from MicroCTSynthLib.inference import (
     WindowPredictor,
@@ -36,19 +37,9 @@ HAS_OPENVINO = inference.openvino_available()
 COMBINATIONS = [("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16")]
 
 
-class LinearNormalization:
-    ct_window = (-1000.0, 3000.0)
-    microct_range = (0.0, 1.0)
-
-    def ct_to_net(self, a):
-        lo, hi = self.ct_window
-        return np.clip((np.asarray(a, dtype=np.float32) - lo) / (hi - lo) * 2 - 1, -1, 1).astype(np.float32)
-
-    def microct_to_net(self, a):
-        return (np.asarray(a, dtype=np.float32) * 2 - 1).astype(np.float32)
-
-    def net_to_microct(self, a):
-        return ((np.asarray(a, dtype=np.float32) + 1) / 2).astype(np.float32)
+def LinearNormalization():
+    """The engine's normalization with the CT window and a [0, 1] micro-CT range."""
+    return Normalization(ct_window=(-1000.0, 3000.0), microct_range=(0.0, 1.0))
 
 
 # -- choices ---------------------------------------------------------------------------------------

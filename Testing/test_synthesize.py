@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from MicroCTSynthLib.data import Normalization
 from MicroCTSynthLib.errors import MicroCTSynthError
 from MicroCTSynthLib.synthesize import (
     field_of_view,
@@ -28,19 +29,9 @@ torch.set_num_threads(2)
 FP32 = {"precision": "fp32", "backend": "torch"}
 
 
-class LinearNormalization:
-    """The Normalization contract (CT window and micro-CT range mapped linearly to [-1, 1])."""
-
-    ct_window = (-1000.0, 3000.0)
-    microct_range = (0.0, 1.0)
-
-    def ct_to_net(self, a):
-        lo, hi = self.ct_window
-        return np.clip((np.asarray(a, dtype=np.float32) - lo) / (hi - lo) * 2 - 1, -1, 1).astype(np.float32)
-
-    def net_to_microct(self, a):
-        lo, hi = self.microct_range
-        return ((np.asarray(a, dtype=np.float32) + 1) / 2 * (hi - lo) + lo).astype(np.float32)
+def LinearNormalization():
+    """The engine's normalization with the CT window and a [0, 1] micro-CT range."""
+    return Normalization(ct_window=(-1000.0, 3000.0), microct_range=(0.0, 1.0))
 
 
 class Identity(nn.Module):
@@ -375,7 +366,6 @@ def test_generator_dropout_and_multitask_head():
 # -- end to end: checkpoint, synthesize, command line ---------------------------------------------
 def make_checkpoint(path, multitask=False, downsample=1, head_bias=None):
     from MicroCTSynthLib.checkpoint import save_checkpoint
-    from MicroCTSynthLib.data import Normalization
     from MicroCTSynthLib.networks import Generator
     from MicroCTSynthLib.presets import load_preset
 
