@@ -194,18 +194,31 @@ def _u(rng, key):
 
 
 def draw_anatomy(rng: np.random.Generator) -> dict:
-    """One specimen's anatomy (JSON-able): every structure drawn on its own."""
-    u = rng.uniform
+    """One specimen's anatomy (JSON-able): every structure drawn on its own.
+
+    The parts are drawn in a fixed order from one stream, so a specimen is the same on every run.
+    """
+    a = _draw_spiral(rng)
+    pneumatisation = float(rng.uniform(0.0, 1.0))  # 0 sclerotic, 1 well pneumatised
+    effusion = bool(rng.uniform() < 0.35)
+    fluid_cells = bool(rng.uniform() < 0.35)
+    a.update(_draw_labyrinth(rng))
+    a.update(_draw_nerves(rng))
+    a.update(_draw_middle_ear(rng, effusion))
+    a.update(_draw_pneumatisation(rng, pneumatisation, fluid_cells))
+    a["saw_planes"] = _draw_saw_planes(rng)
+    return a
+
+
+def _draw_spiral(rng) -> dict:
+    """The cochlear spiral: turns, calibre, A value, duct length and height, then the solved
+    basal radius and taper."""
     turns = _u(rng, "cochlea_turns")
     R0, R1 = _u(rng, "canal_basal_radius_mm"), _u(rng, "canal_apical_radius_mm")
-    r1 = float(u(0.6, 0.9))
+    r1 = float(rng.uniform(0.6, 0.9))
     A, cdl, H = _u(rng, "cochlea_basal_diameter_mm"), _u(rng, "cochlear_duct_length_mm"), _u(rng, "cochlea_height_mm")
     spiral = solve_spiral(turns, A, cdl, H, R0, R1, r1)
-    pneumatisation = float(u(0.0, 1.0))  # 0 sclerotic, 1 well pneumatised
-    effusion = bool(u() < 0.35)
-    fluid_cells = bool(u() < 0.35)
-    a = {
-        # Cochlea
+    return {
         "cochlea_turns": turns,
         "cochlea_basal_diameter_mm": A,
         "cochlear_duct_length_drawn_mm": cdl,
@@ -216,13 +229,19 @@ def draw_anatomy(rng: np.random.Generator) -> dict:
         "cochlea_taper": spiral["p"],
         "canal_basal_radius_mm": R0,
         "canal_apical_radius_mm": R1,
+    }
+
+
+def _draw_labyrinth(rng) -> dict:
+    """Lamina, the cochlea's orientation, modiolus, round window; vestibule and canals."""
+    u = rng.uniform
+    return {
         "lamina_thickness_mm": u(0.15, 0.22),
         "lamina_width_fraction": u(0.5, 0.65),
         "cochlea_tilt_deg": [_u(rng, "cochlea_tilt_deg") for _ in range(3)],
         "modiolus_nerve_radius_mm": u(0.6, 0.8),
         "round_window_radius_mm": u(0.5, 0.8),
         "round_window_membrane_mm": u(0.12, 0.18),
-        # Vestibule and semicircular canals
         "vestibule_center_mm": (np.array([0.0, -1.5, -0.5]) + rng.normal(0, 0.2, 3)).tolist(),
         "vestibule_radii_mm": [u(1.5, 2.0), u(1.1, 1.5), u(1.1, 1.5)],
         "scc_major_radius_mm": [_u(rng, "scc_lateral_radius_mm"), _u(rng, "scc_anterior_radius_mm"),
@@ -234,7 +253,13 @@ def draw_anatomy(rng: np.random.Generator) -> dict:
             _tilt(rng, (1.0, -1.0, 0.0), PUBLISHED_RANGES["scc_plane_tilt_deg"][1]),  # posterior
         ],
         "otic_capsule_mm": u(0.4, 0.7),
-        # Internal auditory canal and its nerves; the facial nerve's course
+    }
+
+
+def _draw_nerves(rng) -> dict:
+    """The internal auditory canal and its nerves; the facial nerve's calibre and course."""
+    u = rng.uniform
+    return {
         "iac_radius_mm": _u(rng, "iac_diameter_mm") / 2,
         "cochlear_nerve_radius_mm": _u(rng, "cochlear_nerve_diameter_mm") / 2,
         "vestibular_nerve_radius_mm": u(0.35, 0.55),
@@ -242,7 +267,13 @@ def draw_anatomy(rng: np.random.Generator) -> dict:
         "facial_canal_wall_mm": u(0.15, 0.3),
         "facial_nerve_height_mm": _u(rng, "facial_nerve_height_over_oval_window_mm"),
         "facial_nerve_jitter_mm": rng.normal(0, 0.5, (4, 3)).tolist(),
-        # Middle ear, ossicles, membranes, mucosa, effusion
+    }
+
+
+def _draw_middle_ear(rng, effusion: bool) -> dict:
+    """Tympanic cavity, membranes, mucosa, ossicles and tendons; the effusion's level."""
+    u = rng.uniform
+    return {
         "middle_ear_center_mm": (np.array([3.0, 0.5, 0.3]) + rng.normal(0, 0.3, 3)).tolist(),
         "middle_ear_radii_mm": (np.array([3.0, 6.0, 5.5]) * u(0.85, 1.15, 3)).tolist(),
         "mucosa_mm": u(0.1, 0.15),
@@ -258,7 +289,13 @@ def draw_anatomy(rng: np.random.Generator) -> dict:
         "tensor_tympani_radius_mm": u(0.2, 0.35),
         "effusion": effusion,
         "effusion_level": u(0.1, 0.35) if effusion else 0.0,  # fraction of the cavity's height
-        # Pneumatisation: antrum, aditus, mastoid and perilabyrinthine cells
+    }
+
+
+def _draw_pneumatisation(rng, pneumatisation: float, fluid_cells: bool) -> dict:
+    """Antrum, aditus and air cells for the specimen's pneumatisation; bone density."""
+    u = rng.uniform
+    return {
         "pneumatisation": pneumatisation,
         "antrum_offset_mm": (np.array([-1.0, -6.5, 2.5]) + rng.normal(0, 0.4, 3)).tolist(),
         "antrum_radii_mm": (np.array([2.0, 2.6, 2.0]) * (0.7 + 0.5 * pneumatisation) * u(0.85, 1.15, 3)).tolist(),
@@ -274,12 +311,9 @@ def draw_anatomy(rng: np.random.Generator) -> dict:
         "air_cell_seed": int(rng.integers(0, 2**31 - 1)),
         "fluid_cells": fluid_cells,
         "fluid_cell_fraction": u(0.1, 0.4) if fluid_cells else 0.0,
-        # Bone density (relative; 1 = 1700 HU) and its slow variation
         "bone_density": u(0.85, 1.05),
         "bone_density_waves": [(unit(rng.normal(size=3)) * u(0.3, 0.9)).tolist() + [u(0, 2 * math.pi)] for _ in range(3)],
     }
-    a["saw_planes"] = _draw_saw_planes(rng)
-    return a
 
 
 #: The saw cuts of a temporal-bone block harvested for micro-CT: the face's outward normal in the
