@@ -39,7 +39,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .anatomy import BONE as _BONE
-from .anatomy import Anatomy, draw_anatomy, rotation
+from .anatomy import Anatomy, draw_anatomy, rotation, unit
 from .dataset import SPECIMENS, Dataset
 from .errors import MicroCTSynthError
 from .labels import AIR, BONE, OUTSIDE, SOFT_TISSUE
@@ -78,11 +78,6 @@ def specimen_seed(name: str, seed: int = 0) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def _unit(v) -> np.ndarray:
-    v = np.asarray(v, dtype=float)
-    return v / np.linalg.norm(v)
-
-
 def draw_ct_scanner(rng: np.random.Generator, scanners: dict = CT_SCANNERS) -> dict:
     """A clinical scanner: its kind and one setting drawn from each of its ranges (JSON-able)."""
     kind = str(rng.choice(sorted(scanners)))
@@ -98,9 +93,9 @@ def draw_parameters(name: str, seed: int = 0, preset: dict | None = None) -> dic
     shift_sd, shift_max = preset["phantom_pose_shift_sd_mm"], preset["phantom_pose_shift_max_mm"]
     mis_deg, mis_mm = preset["phantom_misalignment_max_deg"], preset["phantom_misalignment_max_mm"]
     # The CT / micro-CT misalignment: a random axis, an angle up to the maximum, a shift up to it.
-    axis = _unit(rng.normal(size=3))
+    axis = unit(rng.normal(size=3))
     angle = rng.uniform(0.3, 1.0) * mis_deg
-    shift_dir = _unit(rng.normal(size=3))
+    shift_dir = unit(rng.normal(size=3))
     p = {
         "name": name,
         "seed": int(seed),
