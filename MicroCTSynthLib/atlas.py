@@ -259,8 +259,9 @@ def _rigid_candidates(fixed: sitk.Image, moving: sitk.Image) -> list[sitk.Euler3
     its centre of mass away from its anatomy, while the field of view's centre stays near it.
     """
     # Moments of the attenuation above air (HU + 1024 >= 0): raw HU give air a negative mass.
+    fixed_mass, moving_mass = fixed + 1024.0, moving + 1024.0
     starts = [
-        sitk.Euler3DTransform(sitk.CenteredTransformInitializer(fixed + 1024.0, moving + 1024.0, sitk.Euler3DTransform(), mode))
+        sitk.Euler3DTransform(sitk.CenteredTransformInitializer(fixed_mass, moving_mass, sitk.Euler3DTransform(), mode))
         for mode in (sitk.CenteredTransformInitializerFilter.MOMENTS, sitk.CenteredTransformInitializerFilter.GEOMETRY)
     ]
     shrink = next((s for s in (4, 2) if min(fixed.GetSize()) / s >= SEARCH_MIN_VOXELS), 1)

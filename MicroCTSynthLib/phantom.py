@@ -161,9 +161,7 @@ def structure_map(specimen: "Specimen", preset=None) -> np.ndarray:
     """The anatomical structure of every micro-CT voxel (codes of
     :data:`~MicroCTSynthLib.anatomy.STRUCTURES`; 255 outside the field of view)."""
     cfg = load_preset(specimen.params.get("preset", "quick") if preset is None else preset)
-    size, spacing, origin = _microct_geometry(cfg)
-    center = np.asarray(origin) + (np.asarray(size) - 1) / 2.0 * np.asarray(spacing)
-    M, b = _pose(specimen.params, center)
+    (size, spacing, origin), _, (M, b) = _microct_frame(cfg, specimen.params)
     codes = _render(Anatomy(specimen.params["anatomy"]), M, b, size, spacing, origin, structures=True)[2]
     codes[specimen.labels.array == OUTSIDE] = 255
     return codes
@@ -214,6 +212,14 @@ def _microct_geometry(preset: dict):
     n = int(round(fov / spacing))
     origin = np.full(3, -(n - 1) / 2.0 * spacing)  # the grid is centred on the scanner's axis
     return (n, n, n), (spacing,) * 3, tuple(origin)
+
+
+def _microct_frame(preset: dict, params: dict):
+    """The micro-CT grid (size, spacing, origin), its centre, and the map (M, b) from its points
+    to the specimen's frame."""
+    size, spacing, origin = _microct_geometry(preset)
+    center = np.asarray(origin) + (np.asarray(size) - 1) / 2.0 * np.asarray(spacing)
+    return (size, spacing, origin), center, _pose(params, center)
 
 
 def _ct_geometry(preset: dict):
@@ -323,9 +329,7 @@ def make_specimen(name: str, preset="quick", seed: int = 0) -> Specimen:
     rng = np.random.default_rng([params["specimen_seed"], 1])
 
     # Micro-CT: the truth sampled at the voxel centres, blurred by a ~1 voxel PSF (partial volume).
-    size, spacing, origin = _microct_geometry(cfg)
-    center = np.asarray(origin) + (np.asarray(size) - 1) / 2.0 * np.asarray(spacing)
-    M, b = _pose(params, center)
+    (size, spacing, origin), center, (M, b) = _microct_frame(cfg, params)
     mat, dens = _render(anatomy, M, b, size, spacing, origin)
     labels = _MATERIAL_TO_LABEL[mat]
     mu = _microct_intensity(mat, dens)
