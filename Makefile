@@ -22,11 +22,12 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# `make demo` scores the shipped models; `make demo TRAIN=1` trains every model itself.
 demo: $(STAMP)
-	$(VENV)/bin/microctsynth demo --out $(DEMO_OUT)
+	$(VENV)/bin/microctsynth demo --out $(DEMO_OUT) $(if $(TRAIN),--train)
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_train.py --compare-bf16
 	$(PY) benchmarks/bench_synthesis.py
 
 # On a machine with a CUDA GPU: seconds per training iteration of the paper preset in fp32 and

@@ -68,6 +68,7 @@ REQUIRED_PACKAGES = {
     "tqdm": "tqdm",
     "matplotlib": "matplotlib",
     "tensorboard": "tensorboard",
+    "monai": "monai",
 }
 
 #: What each step asks for: the packages the engine modules it runs import (Testing checks
@@ -76,8 +77,8 @@ STEP_PACKAGES = {
     "register": ("SimpleITK", "scipy", "scikit-image", "tqdm"),
     "tissueMap": ("SimpleITK", "scipy", "scikit-image"),
     "addCase": ("SimpleITK", "scipy", "scikit-image", "tqdm"),
-    "train": ("torch", "SimpleITK", "matplotlib", "tqdm", "tensorboard"),
-    "synthesize": ("torch", "SimpleITK", "scipy", "scikit-image", "tqdm"),
+    "train": ("torch", "SimpleITK", "matplotlib", "tqdm", "tensorboard", "monai"),
+    "synthesize": ("torch", "SimpleITK", "scipy", "scikit-image", "tqdm", "monai"),
     "atlas": ("SimpleITK", "scipy", "scikit-image", "tqdm"),
     "compare": ("SimpleITK", "scipy"),
 }
@@ -167,8 +168,8 @@ class MicroCTSynthParameterNode:
     caseName: str = "case1"
     caseSplit: Annotated[str, Choice(["train", "val", "test"])] = "train"
     group: str = "A"
-    model: Annotated[str, Choice(["single", "multi"])] = "single"
-    preset: Annotated[str, Choice(["quick", "paper", "tiny"])] = "quick"
+    model: Annotated[str, Choice(["single", "multi", "segmenter"])] = "single"
+    preset: Annotated[str, Choice(["quick", "paper", "pretrained", "tiny"])] = "quick"
     runDir: pathlib.Path
     # 5. Synthesis
     modelPath: pathlib.Path
@@ -240,6 +241,8 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resumeButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.resumeButton, self.onResume))
         self.ui.synthesizeButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.synthesizeButton, self.onSynthesize))
         self.ui.atlasButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.atlasButton, self.onAtlas))
+        self._listShippedModels()
+        self.ui.shippedModelComboBox.connect("currentIndexChanged(int)", self.onShippedModelChosen)
 
         self.initializeParameterNode()
 
@@ -409,6 +412,19 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self.onTrain(resume=True)
 
     # -- 5. synthesis -------------------------------------------------------------------------
+    def _listShippedModels(self) -> None:
+        """The shipped models after "Choose a file...", each with its card's one-line summary."""
+        self._shippedModels = self.logic.shippedModels()
+        combo = self.ui.shippedModelComboBox
+        for model in self._shippedModels:
+            combo.addItem(f"{model['name']}: {model['summary']}")
+            combo.setItemData(combo.count - 1, model["tooltip"], qt.Qt.ToolTipRole)
+
+    def onShippedModelChosen(self, index: int) -> None:
+        if index <= 0 or self._parameterNode is None:
+            return
+        self._parameterNode.modelPath = pathlib.Path(self._shippedModels[index - 1]["path"])
+
     def onSynthesize(self):
         if not self._ready("synthesize"):
             return None
@@ -423,7 +439,8 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.syntheticTissue = nodes.tissue
             p.uncertainty = nodes.uncertainty
             p.compareCGAN = nodes.tissue
-            self.showSideBySide(p.ctVolume, nodes.microct, p.microCTVolume)
+            if nodes.microct is not None:  # the direct segmenter makes a tissue map only
+                self.showSideBySide(p.ctVolume, nodes.microct, p.microCTVolume)
 
         return job, done
 

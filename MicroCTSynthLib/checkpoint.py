@@ -118,7 +118,7 @@ def check_network_arguments(saved: dict, wanted: dict, what: str, path) -> None:
 
 def load_generator(path, device="cpu"):
     """The trained generator in eval mode and the checkpoint's metadata (everything but the state dicts)."""
-    from .networks import Generator
+    from .networks import network_class
 
     from .memory import check_memory, parameter_count
 
@@ -126,10 +126,11 @@ def load_generator(path, device="cpu"):
     args = state["generator_args"]
     if not isinstance(args, dict):
         raise MicroCTSynthError(f"The model file '{path}' does not say how its generator was built.")
-    check_memory(4.0 * parameter_count(Generator, args), f"The generator the model file '{path}' describes "
+    network = network_class(state.get("model"))
+    check_memory(4.0 * parameter_count(network, args), f"The network the model file '{path}' describes "
                  f"({', '.join(f'{k}={v}' for k, v in args.items())})", "this file was not made for this machine")
     try:
-        generator = Generator(**args)
+        generator = network(**args)
     except TypeError as exc:
         raise MicroCTSynthError(f"The model file '{path}' names generator arguments this version does not know ({exc}).") from None
     try:

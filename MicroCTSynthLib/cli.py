@@ -35,11 +35,12 @@ COMMANDS = {
     "tissue-map": ("tissue", "make the air / soft tissue / bone map of a micro-CT (multi-Otsu + closing)"),
     "prepare": ("prepare", "the thesis' pre-processing of every case: registration, resampled CT, tissue maps"),
     "evaluate": ("metrics", "Dice, HD95 per class and the perceptual error of a prediction"),
-    "train": ("train", "train the single-task or multitask 3D cGAN on a leave-2-out group"),
+    "train": ("train", "train the single-task or multitask 3D cGAN (or the direct segmenter) on a leave-2-out group"),
     "synthesize": ("synthesize", "synthesize micro-CT and tissue map from a CT with a trained model"),
     "atlas": ("atlas", "the atlas baseline: register atlas CTs, warp their tissue maps, majority vote"),
     "experiment": ("experiment", "the thesis' leave-2-out experiment: train, synthesize, baselines, report"),
-    "demo": ("experiment", "phantom -> prepare -> experiment on group A (quick preset) -> report"),
+    "demo": ("experiment", "phantom -> prepare -> experiment on group A with the shipped models -> report"),
+    "models": ("experiment", "list the shipped trained models and what their cards say"),
 }
 
 
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="base seed; each specimen derives its own from it")
     p.add_argument("--specimens", default=None, help="comma-separated study codes (default: all six, S3_1,...,S3_12)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out (its cases.json and images)")
+    p.add_argument("--scanners", choices=("clinical", "unseen"), default="clinical",
+                   help="the CTs' scanners: clinical ranges (default), or unseen ones outside every clinical range "
+                        "(same anatomy), to test a model on scanners it was not trained on")
     _progress(p)
 
     p = add("register")
@@ -177,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train")
     p.add_argument("--data", required=True, help="prepared dataset folder")
     p.add_argument("--group", default="A", help="leave-2-out group of cases.json (A, B, C or your own)")
-    p.add_argument("--model", choices=("single", "multi"), default="single", help="single-task or multitask cGAN")
+    p.add_argument("--model", choices=("single", "multi", "segmenter"), default="single",
+                   help="single-task or multitask cGAN, or the direct segmenter (MONAI DynUNet)")
     p.add_argument("--preset", default="quick", help="paper, quick, tiny or a preset JSON file")
     p.add_argument("--out", required=True, help="run folder (checkpoints, TensorBoard events, pictures)")
     p.add_argument("--epochs-constant", type=int, default=None, help="epochs at the initial learning rate (preset: n_epochs)")
@@ -187,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete a previous run in --out and start afresh")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="resume a checkpoint of another group or other cases (normally refused)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (--no-amp: fp32); default: the preset's cpu_bf16 on a CPU with native bf16, fp32 on a GPU")
     p.add_argument("--seed", type=int, default=0)
     _device(p)
     _progress(p)
@@ -197,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p._negative_number_matcher = re.compile(r"^-\d[\d.,eE+-]*$|^-\.\d[\d.,eE+-]*$")
     p.add_argument("--model", required=True, help="checkpoint of a trained model (RUN/best.pt)")
     p.add_argument("--ct", required=True, help="the CT (any orientation and spacing)")
-    p.add_argument("--out-microct", required=True, help="synthetic micro-CT to write")
+    p.add_argument("--out-microct", default=None, help="synthetic micro-CT to write (a cGAN; the segmenter makes none)")
     p.add_argument("--out-tissue", required=True, help="tissue map to write")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--roi", nargs=2, metavar=("CENTER_MM", "SIZE_MM"),
@@ -231,14 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="experiment folder (runs, results.csv, report)")
     p.add_argument("--preset", default="quick")
     p.add_argument("--groups", default="A,B,C")
-    p.add_argument("--models", default="single,multi")
+    p.add_argument("--models", default="single,multi", help="comma-separated: single, multi, segmenter")
+    p.add_argument("--pretrained", action="store_true",
+                   help="score the shipped models (microctsynth models) instead of training; all asked for must be shipped")
     _device(p)
     _progress(p)
 
     p = add("demo")
     p.add_argument("--out", required=True, help="folder for the phantom, the runs and the report")
-    p.add_argument("--preset", default="quick")
+    p.add_argument("--preset", default="quick", help="the phantom's preset, and with --train the training preset")
+    p.add_argument("--seed", type=int, default=0, help="the phantom's seed")
+    p.add_argument("--train", action="store_true",
+                   help="train every model (about 20 minutes on 2 cores) instead of using the shipped ones")
     _device(p)
+    _progress(p)
+
+    p = add("models")
     _progress(p)
     return parser
 

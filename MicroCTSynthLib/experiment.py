@@ -38,8 +38,10 @@ from .progress import Progress, emit_json, log
 from .volume import atomic_path, json_safe, read_volume, write_json, write_volume
 
 CLASSES = tuple(TISSUE_NAMES.values())
-METHODS = ("atlas", "naive", "single", "multi")
-METHOD_TITLES = {"atlas": "Atlas", "naive": "Naive (CT + Otsu)", "single": "Single-task cGAN", "multi": "Multitask cGAN"}
+METHODS = ("atlas", "naive", "single", "multi", "segmenter")
+MODELS = ("single", "multi", "segmenter")
+METHOD_TITLES = {"atlas": "Atlas", "naive": "Naive (CT + Otsu)", "single": "Single-task cGAN", "multi": "Multitask cGAN",
+                 "segmenter": "Segmenter (DynUNet)"}
 
 #: Median Dice (air / soft tissue / bone) the thesis reports on its private specimens (chapter IV).
 THESIS_MEDIAN_DICE = {
@@ -70,11 +72,31 @@ def train_or_reuse(data_dir, run_dir: Path, group: str, model: str, preset: str,
     return best
 
 
-def run_summary(run_dir: Path) -> dict:
-    """Best epoch, its validation loss and the validation curve of a finished run (Table 2, Fig. 6)."""
+def shipped_or_fail(groups, models) -> dict:
+    """``{(group, model): checkpoint}`` of the shipped models, checked against their cards; one
+    sentence naming every group and model asked for that ``Resources/models/`` lacks."""
+    from .errors import MicroCTSynthError
+    from .package_data import find_shipped, verify_shipped
+
+    found, missing = {}, []
+    for g in groups:
+        for m in models:
+            card = find_shipped(g, m)
+            if card is None:
+                missing.append(f"group {g} {METHOD_TITLES[m].lower()}")
+            else:
+                found[(g, m)] = verify_shipped(card)
+    if missing:
+        raise MicroCTSynthError(f"No shipped model for {', '.join(missing)}: choose groups and models that "
+                                "Resources/models/ holds (microctsynth models), or leave out --pretrained to train them.")
+    return found
+
+
+def run_summary(checkpoint: Path) -> dict:
+    """Best epoch, its validation loss and the validation curve of a run's best.pt (Table 2, Fig. 6)."""
     from .checkpoint import load_checkpoint
 
-    best = load_checkpoint(run_dir / "best.pt")
+    best = load_checkpoint(checkpoint)
     history = best.get("history") or []
     curve = [(h["epoch"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
     return {"best_epoch": best.get("epoch"), "val_loss": best.get("val_loss"), "curve": curve}
@@ -113,7 +135,8 @@ def score_specimen(dataset: Dataset, group: str, specimen: str, runs: dict, out_
             ct_registered = read_volume(dataset.path(specimen, "ct_registered"))
             result = synthesize(ct_registered, runs[method], reference=ct_registered, overlap=overlap, device=device, progress="none")
             synthetic, prediction = result.microct, result.tissue
-            write_volume(synthetic, case_dir / f"{method}_microct.nrrd")
+            if synthetic is not None:  # the segmenter makes none
+                write_volume(synthetic, case_dir / f"{method}_microct.nrrd")
             write_volume(prediction, case_dir / f"{method}_tissue.nrrd")
         metrics = evaluate(reference, prediction, microct if synthetic is not None else None, synthetic)
         write_json(cached, metrics)
@@ -348,8 +371,11 @@ def report_html(markdown: str) -> str:
 
 # -- the experiment -----------------------------------------------------------------------------
 def run_experiment(data_dir, out_dir, preset: str = "quick", groups=("A", "B", "C"), models=("single", "multi"),
-                   device: str = "auto", progress: str = "bar") -> dict:
-    """The thesis' chapter IV on a prepared dataset; returns the summary (also written to disk)."""
+                   device: str = "auto", progress: str = "bar", pretrained: bool = False) -> dict:
+    """The thesis' chapter IV on a prepared dataset; returns the summary (also written to disk).
+
+    ``pretrained``: score the shipped models (``Resources/models/``) instead of training; every
+    group and model asked for must be shipped."""
     from .safety import FolderLock
 
     dataset = Dataset.load(data_dir)
@@ -358,26 +384,32 @@ def run_experiment(data_dir, out_dir, preset: str = "quick", groups=("A", "B", "
     for g in groups:
         dataset.group(g)  # fail early, with a sentence, on an unknown group or case
     for m in models:
-        if m not in ("single", "multi"):
+        if m not in MODELS:
             from .errors import MicroCTSynthError
 
-            raise MicroCTSynthError(f"Unknown model '{m}': use single and/or multi.")
+            raise MicroCTSynthError(f"Unknown model '{m}': use {', '.join(MODELS)}.")
+    shipped = shipped_or_fail(groups, models) if pretrained else None
     with FolderLock(out_dir, "experiment folder", log=lambda msg: log(msg, "json" if progress == "json" else "bar")):
-        return _run_experiment(dataset, out_dir, preset, groups, models, device, progress)
+        return _run_experiment(dataset, out_dir, preset, groups, models, device, progress, shipped)
 
 
-def _run_experiment(dataset: Dataset, out_dir: Path, preset: str, groups, models, device: str, progress: str) -> dict:
+def _run_experiment(dataset: Dataset, out_dir: Path, preset: str, groups, models, device: str, progress: str,
+                    shipped: dict | None = None) -> dict:
     scores, runs = {}, {}
     steps = len(groups) * (len(models) + 1)
     with Progress(total=steps, task="experiment", mode=progress, unit="stage") as bar:
         for g in groups:
             checkpoints = {}
             for m in models:
-                run_dir = out_dir / "runs" / f"{g}_{m}"
-                bar.log(f"Group {g}: {m}-task cGAN in {run_dir}")
-                checkpoints[m] = train_or_reuse(dataset.root, run_dir, g, m, preset, device, progress)
-                runs[f"{g}_{m}"] = run_summary(run_dir)
-                bar.update(group=g, stage=f"train {m}")
+                if shipped is not None:
+                    checkpoints[m] = shipped[(g, m)]
+                    bar.log(f"Group {g}: shipped {METHOD_TITLES[m].lower()} {checkpoints[m].parent.name}")
+                else:
+                    run_dir = out_dir / "runs" / f"{g}_{m}"
+                    bar.log(f"Group {g}: {METHOD_TITLES[m].lower()} in {run_dir}")
+                    checkpoints[m] = train_or_reuse(dataset.root, run_dir, g, m, preset, device, progress)
+                runs[f"{g}_{m}"] = run_summary(checkpoints[m])
+                bar.update(group=g, stage=f"{'load' if shipped is not None else 'train'} {m}")
             scores[g] = {}
             for s in dataset.group(g)["test"]:
                 scores[g][s] = score_specimen(dataset, g, s, checkpoints, out_dir, device, progress,
@@ -397,7 +429,7 @@ def _run_experiment(dataset: Dataset, out_dir: Path, preset: str, groups, models
         figures[f"Visual comparison, {s} (Fig. 8)"] = plot_visual_comparison(
             dataset, out_dir, g, s, models, figures_dir / f"comparison_{g}_{s}.png")
     rel = {t: p.relative_to(out_dir).as_posix() for t, p in figures.items()}
-    markdown = report_markdown(summary, runs, rel, preset)
+    markdown = report_markdown(summary, runs, rel, "shipped models" if shipped is not None else preset)
     for name, text in (("report.md", markdown), ("report.html", report_html(markdown))):
         with atomic_path(out_dir / name) as tmp:
             tmp.write_text(text)
@@ -409,7 +441,8 @@ def _split(text: str) -> list[str]:
 
 
 def command_experiment(args: argparse.Namespace) -> int:
-    summary = run_experiment(args.data, args.out, args.preset, _split(args.groups), _split(args.models), args.device, args.progress)
+    summary = run_experiment(args.data, args.out, args.preset, _split(args.groups), _split(args.models), args.device,
+                             args.progress, pretrained=bool(getattr(args, "pretrained", False)))
     table = summary_table(summary)
     if args.progress == "json":
         emit_json("result", outputs={"report": str(Path(args.out) / "report.html"), "results": str(Path(args.out) / "results.csv")},
@@ -421,24 +454,45 @@ def command_experiment(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    """Phantom (quick) -> prepare -> experiment on group A with both models -> report."""
+    """Phantom (quick) -> prepare -> experiment on group A with the shipped models (or, with
+    ``--train``, models trained here) -> report."""
     from .phantom import make_phantom
     from .prepare import format_report, prepare
 
     out = Path(args.out)
     data = out / "phantom"
+    train = bool(getattr(args, "train", False))
+    if not train:
+        shipped_or_fail(["A"], MODELS)  # before minutes of phantom and registration
     start = time.monotonic()
     if not (data / "cases.json").exists():
-        log(f"Making the inner-ear phantom ({args.preset}) in {data}", args.progress)
-        make_phantom(data, preset=args.preset, progress=args.progress, workers=None)
+        log(f"Making the inner-ear phantom ({args.preset}, seed {args.seed}) in {data}", args.progress)
+        make_phantom(data, preset=args.preset, seed=int(getattr(args, "seed", 0)), progress=args.progress, workers=None)
     log("Registering and labelling every specimen (prepare)", args.progress)
     reports = prepare(data, progress=args.progress)
     log(format_report(reports), args.progress)
-    summary = run_experiment(data, out / "experiment", args.preset, ["A"], ["single", "multi"], args.device, args.progress)
+    folder = "experiment_trained" if train else "experiment"
+    summary = run_experiment(data, out / folder, args.preset, ["A"], list(MODELS), args.device, args.progress,
+                             pretrained=not train)
     minutes = (time.monotonic() - start) / 60
     if args.progress == "json":
-        emit_json("result", outputs={"report": str(out / "experiment" / "report.html")}, summary=summary["median_dice"], minutes=minutes)
+        emit_json("result", outputs={"report": str(out / folder / "report.html")}, summary=summary["median_dice"], minutes=minutes)
     else:
         print(summary_table(summary))
-        print(f"Report: {out / 'experiment' / 'report.html'}  ({minutes:.1f} min)")
+        print(f"Report: {out / folder / 'report.html'}  ({minutes:.1f} min)")
+    return 0
+
+
+def command_models(args) -> int:
+    """``microctsynth models``: one line per shipped model, its card's summary and checkpoint."""
+    from .package_data import shipped_checkpoint, shipped_models
+
+    models = shipped_models()
+    if getattr(args, "progress", "bar") == "json":
+        emit_json("result", models={name: {k: v for k, v in card.items() if k != "folder"} for name, card in models.items()})
+        return 0
+    if not models:
+        print("No shipped model is installed (MicroCTSynthLib/Resources/models/ is empty).")
+    for name, card in models.items():
+        print(f"{name}: group {card.get('group')}, {card.get('model')}: {card.get('summary')}\n    {shipped_checkpoint(card)}")
     return 0

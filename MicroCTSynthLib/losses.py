@@ -19,7 +19,8 @@ from .errors import MicroCTSynthError
 from .labels import TISSUE_LABELS
 
 __all__ = ["GANLoss", "tissue_class_weights", "weighted_l1", "perceptual_loss", "dice_loss",
-           "generator_loss", "discriminator_loss", "validation_loss", "loss_options", "PAIRINGS", "DICE_ABSENT"]
+           "generator_loss", "discriminator_loss", "validation_loss", "segmentation_loss", "loss_options", "PAIRINGS",
+           "DICE_ABSENT"]
 
 #: Which images the perceptual loss (Eq. 3) shows the discriminator, see :func:`perceptual_loss`.
 PAIRINGS = ("thesis", "pix2pixhd")
@@ -274,3 +275,17 @@ def validation_loss(discriminator: nn.Module, real_A: torch.Tensor, fake_B: torc
         terms["val_dice"] = dice_loss(logits, tissue, eps=dice_eps, absent=dice_absent)
         total = lam("L1") * terms["val_L1"] + lam("dice") * terms["val_dice"]
     return total, {k: float(v) for k, v in terms.items()}
+
+
+def segmentation_loss(logits: torch.Tensor, tissue: torch.Tensor, *, dice_eps: float = 1e-5, dice_absent: str = "count",
+                      **_ignored) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """nnU-Net's loss for the direct segmenter: the soft Dice of :func:`dice_loss` plus cross-entropy,
+    both over the voxels inside the field of view (label > 0). Returns the sum and the terms."""
+    tissue = _tissue_like(tissue, logits[:, :1])
+    _check_labels(tissue, logits.shape[1])
+    target = tissue[:, 0].long() - 1  # label 0 (outside) -> -1, ignored
+    inside = target >= 0
+    ce = F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")
+    ce = (ce * inside).sum() / inside.sum().clamp(min=1)
+    dice = dice_loss(logits, tissue, eps=dice_eps, absent=dice_absent)
+    return dice + ce, {"dice": dice, "ce": ce}

@@ -46,6 +46,12 @@ def generator_activations(ngf: int, n_blocks: int, voxels: int, multitask: bool)
     return ngf * voxels * (full + half + quarter) + voxels * (4 + (3 if multitask else 0))
 
 
+def segmenter_activations(filters: int, levels: int, voxels: float) -> float:
+    """Floats a DynUNet's forward pass keeps for backward: per level, encoder and decoder residual
+    blocks (two convolutions, norms and activations each, about 12 tensors of the level's width)."""
+    return sum(12.0 * filters * 2 ** level * voxels / 8 ** level for level in range(levels)) + 4 * voxels
+
+
 def discriminator_activations(ndf: int, n_layers: int, voxels: int) -> float:
     """Floats of the three discriminator calls of a training step (features kept for backward)."""
     total, scale = 2.0 * voxels + ndf * voxels / 8, 8   # the input pair; the first stride-2 convolution
@@ -57,30 +63,35 @@ def discriminator_activations(ndf: int, n_layers: int, voxels: int) -> float:
 
 def training_bytes(preset: dict, model: str, n_cases: int = 3) -> float:
     """Peak bytes of one training step of ``preset`` (batch ``batch_size``), data included."""
-    from .networks import Discriminator, Generator
+    from .networks import Discriminator, Generator, Segmenter, segmenter_levels
 
     p, ngf, ndf = int(preset["patch_size"]), int(preset["ngf"]), int(preset["ndf"])
     voxels = float(p) ** 3 * int(preset.get("batch_size", 1))
+    data = n_cases * float(p) ** 3 * 9  # every case padded to at least a patch: CT, micro-CT (float32), labels
+    if model == "segmenter":
+        args = {"filters": int(preset["segmenter_filters"]), "levels": segmenter_levels(p)}
+        params = parameter_count(Segmenter, args)
+        return 16.0 * params + 4.0 * ACTIVATION_FACTOR * segmenter_activations(args["filters"], args["levels"], voxels) + data
     g = parameter_count(Generator, {"ngf": ngf, "n_blocks": int(preset["n_blocks"]), "multitask": model == "multi",
                                     "input_skip": bool(preset.get("input_skip", False))})
     d = parameter_count(Discriminator, {"in_channels": 2, "ndf": ndf, "n_layers": int(preset["n_layers_D"])})
     activations = (generator_activations(ngf, int(preset["n_blocks"]), voxels, model == "multi")
                    + discriminator_activations(ndf, int(preset["n_layers_D"]), voxels))
-    data = n_cases * float(p) ** 3 * 9  # every case padded to at least a patch: CT, micro-CT (float32), labels
     return 16.0 * (g + d) + 4.0 * ACTIVATION_FACTOR * activations + data
 
 
 def synthesis_bytes(generator_args: dict, patch_size: int, grid_voxels: float, samples: int = 1,
-                    slab_voxels: float | None = None) -> float:
+                    slab_voxels: float | None = None, model: str | None = None) -> float:
     """Peak bytes of a synthesis: the generator and one window's activations (the passes run one
     after another), the slab of blended sums (one channel per pass, 3 more for the tissue head)
     and the output volumes."""
-    from .networks import Generator
+    from .networks import network_class
 
-    params = parameter_count(Generator, generator_args)
-    ngf, window = int(generator_args.get("ngf", 64)), float(patch_size) ** 3
+    segmenter = model == "segmenter"
+    params = parameter_count(network_class(model), generator_args)
+    ngf, window = int(generator_args.get("ngf", generator_args.get("filters", 64))), float(patch_size) ** 3
     samples = max(int(samples), 1)
-    multitask = bool(generator_args.get("multitask", False))
+    multitask = bool(generator_args.get("multitask", False)) or segmenter
     slab = grid_voxels if slab_voxels is None else min(float(slab_voxels), grid_voxels)
     activations = 4.0 * ACTIVATION_FACTOR * (3 * ngf + 8) * window + 4.0 * samples * window
     blended = 4.0 * slab * (samples + (3 if multitask else 0) + 1)

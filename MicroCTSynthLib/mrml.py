@@ -562,9 +562,9 @@ class LossChart:
 # -- the console logic ----------------------------------------------------------------------------
 @dataclass
 class SynthesisNodes:
-    """What a synthesis puts into the scene."""
+    """What a synthesis puts into the scene (``microct`` None for the direct segmenter)."""
 
-    microct: object
+    microct: object | None
     tissue: object
     uncertainty: object | None = None
 
@@ -853,19 +853,40 @@ class MicroCTSynthSceneLogic:
 
         def on_result(job: Job):
             # Read every output before touching the scene, so that a bad file adds no node.
-            microct = read_volume(job.outputs.get("microct", out_microct), "The synthetic micro-CT")
+            # A direct segmenter writes no micro-CT: its result has the tissue map only.
+            microct = job.outputs.get("microct")
+            microct = read_volume(microct, "The synthetic micro-CT") if microct else None
             tissue = read_volume(job.outputs.get("tissue", out_tissue), "The synthetic tissue map")
             uncertainty = job.outputs.get("uncertainty")
             uncertainty = read_volume(uncertainty, "The uncertainty volume") if uncertainty else None
             nodes = SynthesisNodes(
-                microct=node_from_volume(microct, base, self.scene),
+                microct=node_from_volume(microct, base, self.scene) if microct is not None else None,
                 tissue=segmentation_from_labels(tissue, f"{base} tissue map", self.scene),
                 uncertainty=node_from_volume(uncertainty, f"{base} uncertainty", self.scene) if uncertainty is not None else None,
             )
-            nodes.tissue.SetReferenceImageGeometryParameterFromVolumeNode(nodes.microct)
+            if nodes.microct is not None:
+                nodes.tissue.SetReferenceImageGeometryParameterFromVolumeNode(nodes.microct)
             return nodes
 
         return self._startJob("synthesize", args, on_result, wait, onFinish=lambda job: shutil.rmtree(folder, ignore_errors=True))
+
+    @staticmethod
+    def shippedModels() -> list[dict]:
+        """The models shipped with the extension: name, its card's summary, a tooltip and the
+        checkpoint's path, for the synthesis section's list (``Resources/models/``)."""
+        from .package_data import shipped_checkpoint, shipped_models
+
+        models = []
+        for name, card in shipped_models().items():
+            median = (card.get("held_out") or {}).get("median") or {}
+            scores = " / ".join(f"{median[c]:.2f}" for c in ("Air", "Soft tissue", "Bone") if c in median)
+            models.append({
+                "name": name, "summary": str(card.get("summary", "")), "path": str(shipped_checkpoint(card)),
+                "tooltip": (f"{card.get('summary', '')}. Trained on the project's inner-ear phantom (simulated "
+                            "specimens): on a patient's CT it shows the workflow, not a clinical result."
+                            + (f" Held-out phantom Dice air / soft tissue / bone: {scores}." if scores else "")),
+            })
+        return models
 
     # -- 6. atlas ---------------------------------------------------------------------------
     def atlasSegment(self, ctNode, datasetDir, group: str = "A", referenceNode=None, atlases: Iterable[str] | None = None,

@@ -22,7 +22,7 @@ from torch.nn import init
 
 from .errors import MicroCTSynthError
 
-__all__ = ["ResnetBlock3d", "Generator", "Discriminator", "init_weights", "count_parameters"]
+__all__ = ["ResnetBlock3d", "Generator", "Discriminator", "Segmenter", "segmenter_levels", "network_class", "init_weights", "count_parameters"]
 
 
 def _instance_norm(channels: int) -> nn.Module:
@@ -197,6 +197,63 @@ class Discriminator(nn.Module):
             features.append(x)
         logits = self.head(x)
         return (logits, features) if return_features else logits
+
+
+class Segmenter(nn.Module):
+    """The peer a user would pick instead of a cGAN: a direct 3D segmenter of the CT into the tissue map.
+
+    MONAI's ``DynUNet``, nnU-Net's U-Net, built as nnU-Net plans it for a cubic patch of isotropic
+    voxels: 3x3x3 kernels at every level, the first at full resolution, then stride-2
+    downsamplings while the feature map stays at least 4 voxels wide (``levels``: 4 for 32^3),
+    ``filters`` doubling per level, instance norm and leaky ReLU. The output is ``n_classes``
+    logits (air, soft tissue, bone = class 0, 1, 2 = label - 1), as the multitask generator's
+    tissue head. Needs MONAI (``pip install monai``).
+    """
+
+    def __init__(self, in_channels: int = 1, n_classes: int = 3, filters: int = 16, levels: int = 4):
+        super().__init__()
+        try:
+            from monai.networks.nets import DynUNet
+        except ImportError:
+            raise MicroCTSynthError("The segmenter is MONAI's DynUNet: install MONAI (pip install monai).") from None
+        if int(levels) < 2 or int(filters) < 1:
+            raise MicroCTSynthError(f"The segmenter needs at least 2 levels and 1 filter, not {levels} and {filters}.")
+        self._arguments = {"in_channels": int(in_channels), "n_classes": int(n_classes), "filters": int(filters),
+                           "levels": int(levels)}
+        strides = [1] + [2] * (int(levels) - 1)
+        self.net = DynUNet(spatial_dims=3, in_channels=int(in_channels), out_channels=int(n_classes),
+                           kernel_size=[3] * int(levels), strides=strides, upsample_kernel_size=strides[1:],
+                           filters=[int(filters) * 2 ** i for i in range(int(levels))], norm_name="instance",
+                           deep_supervision=False, res_block=True)
+
+    @property
+    def arguments(self) -> dict:
+        return dict(self._arguments)
+
+    @property
+    def multiple(self) -> int:
+        """Patch sides must be multiples of this."""
+        return 2 ** (self._arguments["levels"] - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self._arguments["in_channels"], "segmenter")
+        if any(s % self.multiple for s in x.shape[2:]):
+            raise MicroCTSynthError(f"The segmenter needs patches whose sides are multiples of {self.multiple}, "
+                                    f"not {tuple(x.shape[2:])}.")
+        return self.net(x)
+
+
+def segmenter_levels(patch_size: int) -> int:
+    """nnU-Net's depth for a cubic patch: downsample by 2 while the feature map stays >= 4 voxels."""
+    levels, side = 1, int(patch_size)
+    while side % 2 == 0 and side // 2 >= 4 and levels < 6:
+        levels, side = levels + 1, side // 2
+    return levels
+
+
+def network_class(model: str):
+    """The class of a checkpoint's ``generator`` entry: the cGANs' Generator or the Segmenter."""
+    return Segmenter if model == "segmenter" else Generator
 
 
 def _check_input(x: torch.Tensor, channels: int, name: str) -> None:

@@ -14,10 +14,16 @@ installs them with the engine's scripts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from importlib import resources
+from pathlib import Path
 
 from .errors import MicroCTSynthError
+
+#: What a model card must say (``model.json``).
+CARD_KEYS = ("name", "model", "group", "summary", "checkpoint", "sha256", "preset", "command", "data", "steps",
+             "training_seconds", "machine", "held_out")
 
 
 def resource(*parts: str):
@@ -52,3 +58,39 @@ def shipped_models() -> dict:
             raise MicroCTSynthError(f"The card of the shipped model '{entry.name}' is not valid JSON: {exc}.") from None
         models[entry.name] = {**data, "folder": entry}
     return models
+
+
+def shipped_checkpoint(card: dict) -> Path:
+    """The file system path of a shipped model's checkpoint (the package is installed unzipped)."""
+    return Path(str(card["folder"].joinpath(card["checkpoint"])))
+
+
+def sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shipped(card: dict) -> Path:
+    """The checkpoint of a shipped model after checking that its card is whole and its sha256 matches."""
+    missing = [k for k in CARD_KEYS if k not in card]
+    if missing:
+        raise MicroCTSynthError(f"The card of the shipped model '{card.get('name', '?')}' lacks {', '.join(missing)}.")
+    path = shipped_checkpoint(card)
+    if not path.is_file():
+        raise MicroCTSynthError(f"The shipped model '{card['name']}' has lost its checkpoint '{path.name}'; reinstall MicroCTSynth.")
+    if sha256(path) != card["sha256"]:
+        raise MicroCTSynthError(f"The checkpoint of the shipped model '{card['name']}' does not match its sha256 "
+                                "(a damaged or replaced file); reinstall MicroCTSynth.")
+    return path
+
+
+def find_shipped(group: str, model: str) -> dict | None:
+    """The card of the shipped model for ``group`` and ``model`` (single, multi, segmenter), if any."""
+    for card in shipped_models().values():
+        if card.get("group") == group and card.get("model") == model:
+            return card
+    return None
+

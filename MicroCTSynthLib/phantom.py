@@ -65,6 +65,19 @@ CT_SCANNERS = {
     "CBCT": {"voxel_mm": (0.2, 0.4), "psf_fwhm_mm": (0.4, 0.7), "gain": (0.75, 1.25), "offset_hu": (-250.0, 150.0),
              "noise_hu": (30.0, 90.0), "noise_correlation_mm": (0.1, 0.35), "streak_hu": (30.0, 100.0)},
 }
+#: Scanners outside every range of :data:`CT_SCANNERS` (coarser, blurrier, noisier, calibrated
+#: further off, brighter or darker): ``phantom --scanners unseen`` renders the same specimens
+#: (same anatomy, pose and misalignment) as such a scanner would, to test that a model trained on
+#: the clinical ranges follows the anatomy rather than the scanner.
+UNSEEN_SCANNERS = {
+    "CBCT-bright": {"voxel_mm": (0.42, 0.5), "psf_fwhm_mm": (0.75, 0.85), "gain": (1.28, 1.36),
+                    "offset_hu": (160.0, 250.0), "noise_hu": (95.0, 120.0), "noise_correlation_mm": (0.36, 0.45),
+                    "streak_hu": (105.0, 130.0)},
+    "CBCT-dark": {"voxel_mm": (0.42, 0.5), "psf_fwhm_mm": (0.75, 0.85), "gain": (0.64, 0.72),
+                  "offset_hu": (-330.0, -260.0), "noise_hu": (95.0, 120.0), "noise_correlation_mm": (0.36, 0.45),
+                  "streak_hu": (105.0, 130.0)},
+}
+SCANNER_SETS = {"clinical": CT_SCANNERS, "unseen": UNSEEN_SCANNERS}
 #: Bone denser than this (HU) hardens the beam.
 _DENSE_BONE_HU = 1500.0
 
@@ -84,8 +97,9 @@ def draw_ct_scanner(rng: np.random.Generator, scanners: dict = CT_SCANNERS) -> d
     return {"kind": kind, **{key: float(rng.uniform(*bounds)) for key, bounds in sorted(scanners[kind].items())}}
 
 
-def draw_parameters(name: str, seed: int = 0, preset: dict | None = None) -> dict:
-    """The specimen's drawn parameters (JSON-able): pose, misalignment, anatomy and scanners."""
+def draw_parameters(name: str, seed: int = 0, preset: dict | None = None, scanners: str = "clinical") -> dict:
+    """The specimen's drawn parameters (JSON-able): pose, misalignment, anatomy and scanners
+    (``scanners``: a name of :data:`SCANNER_SETS`; the rest does not depend on it)."""
     preset = load_preset("quick") if preset is None else preset
     root = specimen_seed(name, seed)
     rng = np.random.default_rng(root)
@@ -115,7 +129,7 @@ def draw_parameters(name: str, seed: int = 0, preset: dict | None = None) -> dic
     }
     # Anatomy and CT scanner from streams of their own: a change to one leaves the other alone.
     p["anatomy"] = draw_anatomy(np.random.default_rng([root, 2]))
-    p["ct_scanner"] = draw_ct_scanner(np.random.default_rng([root, 3]))
+    p["ct_scanner"] = draw_ct_scanner(np.random.default_rng([root, 3]), _scanner_set(scanners))
     return p
 
 
@@ -317,13 +331,20 @@ def render_ct(anatomy: Anatomy, params: dict, cfg: dict, M, b, transform: sitk.T
     return Volume(np.clip(np.rint(delivered), -1024, 3071).astype(np.int16), ct_spacing, ct_origin)
 
 
-def make_specimen(name: str, preset="quick", seed: int = 0) -> Specimen:
-    """One phantom specimen, deterministic per ``(name, seed)`` (and the preset's grids)."""
+def _scanner_set(name: str) -> dict:
+    if name not in SCANNER_SETS:
+        raise MicroCTSynthError(f"The scanners are {' or '.join(SCANNER_SETS)}, not '{name}'.")
+    return SCANNER_SETS[name]
+
+
+def make_specimen(name: str, preset="quick", seed: int = 0, scanners: str = "clinical") -> Specimen:
+    """One phantom specimen, deterministic per ``(name, seed)`` (and the preset's grids); its CT
+    from a scanner of the set ``scanners`` ("clinical" or "unseen", :data:`SCANNER_SETS`)."""
     if name not in SPECIMENS:
         raise MicroCTSynthError(f"Unknown specimen '{name}': the phantom has {', '.join(SPECIMENS)}.")
     cfg = load_preset(preset)
     _check_preset(cfg)
-    params = draw_parameters(name, seed, cfg)
+    params = draw_parameters(name, seed, cfg, scanners)
     params["preset"] = cfg.get("name", str(preset))
     anatomy = Anatomy(params["anatomy"])
     rng = np.random.default_rng([params["specimen_seed"], 1])
@@ -440,9 +461,10 @@ def _specimen_list(specimens) -> list[str]:
     return names
 
 
-def _write_specimen(out_dir: Path, name: str, cfg: dict, seed: int, entry: dict) -> tuple[str, dict, dict, str]:
+def _write_specimen(out_dir: Path, name: str, cfg: dict, seed: int, entry: dict,
+                    scanners: str = "clinical") -> tuple[str, dict, dict, str]:
     """Make one specimen and write its files; returns (name, params, outputs, summary line)."""
-    sp = make_specimen(name, cfg, seed)
+    sp = make_specimen(name, cfg, seed, scanners)
     case = out_dir / name
     written = {
         "ct": write_volume(sp.ct, out_dir / entry["ct"]),
@@ -469,7 +491,7 @@ def _default_workers(cfg: dict, n_specimens: int) -> int:
 
 
 def make_phantom(out_dir, preset="quick", seed: int = 0, specimens=None, progress: str = "bar",
-                 workers: int | None = 1) -> Dataset:
+                 workers: int | None = 1, scanners: str = "clinical") -> Dataset:
     """Write the phantom dataset: one folder per specimen and ``cases.json`` with the thesis' groups.
 
     Specimens are made in ``workers`` processes (``None``: 2 when there are 2 cores and more than
@@ -478,6 +500,7 @@ def make_phantom(out_dir, preset="quick", seed: int = 0, specimens=None, progres
     ``if __name__ == "__main__":`` guard; the default (1) works in-process.
     """
     names = _specimen_list(specimens)
+    _scanner_set(scanners)
     cfg = load_preset(preset)
     out_dir = Path(out_dir)
     _check_preset(cfg)
@@ -487,7 +510,8 @@ def make_phantom(out_dir, preset="quick", seed: int = 0, specimens=None, progres
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MicroCTSynthError(f"Cannot create the folder '{out_dir}' ({exc.strerror}): choose another --out.") from None
-    ds = Dataset.create(out_dir, preset=cfg.get("name", str(preset)), phantom={"seed": int(seed), "specimens": {}})
+    ds = Dataset.create(out_dir, preset=cfg.get("name", str(preset)),
+                        phantom={"seed": int(seed), "scanners": scanners, "specimens": {}})
     entries = {name: dict(ds.add_case(name)) for name in names}
     workers = _default_workers(cfg, len(names)) if workers is None else max(1, int(workers))
     results = {}
@@ -500,7 +524,7 @@ def make_phantom(out_dir, preset="quick", seed: int = 0, specimens=None, progres
             bar.log(summary) if progress != "none" else print(summary, flush=True)
             bar.update(1, case=name)
 
-        jobs = [(out_dir, name, cfg, int(seed), entries[name]) for name in names]
+        jobs = [(out_dir, name, cfg, int(seed), entries[name], scanners) for name in names]
         if workers == 1:
             for job in jobs:
                 report(*_write_specimen(*job))
@@ -519,6 +543,6 @@ def make_phantom(out_dir, preset="quick", seed: int = 0, specimens=None, progres
 def command_phantom(args: argparse.Namespace) -> int:
     progress = getattr(args, "progress", "bar")
     ds = make_phantom(args.out, preset=args.preset, seed=args.seed, specimens=args.specimens, progress=progress,
-                      workers=None)
+                      workers=None, scanners=getattr(args, "scanners", "clinical"))
     log(f"Wrote {ds.root / 'cases.json'} with {len(ds.cases)} specimen(s) and groups {', '.join(ds.groups)}", progress if progress != "none" else "bar")
     return 0

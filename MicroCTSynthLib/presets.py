@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import MicroCTSynthError
 from .package_data import preset_file
 
-PRESET_NAMES = ("paper", "quick", "tiny")
+PRESET_NAMES = ("paper", "quick", "tiny", "pretrained")
 
 
 INF = math.inf
@@ -46,6 +46,11 @@ SCHEMA = {
     "lambda_dice_multi": ("float", 0.0, 1e6), "dice_epsilon": ("float", 0.0, 1.0),
     "dice_absent_classes": (("count", "skip"), None, None), "perceptual_pairing": (("thesis", "pix2pixhd"), None, None),
     "ct_window_hu": ("window", -1e5, 1e5), "tissue_closing_radius_mm": ("float", 0.0, 1.0),
+    "augment_probability": ("float", 0.0, 1.0), "augment_gain": ("window", 0.05, 20.0),
+    "augment_offset_hu": ("window", -5000.0, 5000.0), "augment_voxel_mm": ("window", 0.0, 10.0),
+    "augment_blur_fwhm_mm": ("window", 0.0, 10.0), "augment_noise_hu": ("window", 0.0, 5000.0),
+    "augment_noise_correlation_mm": ("window", 0.0, 10.0), "cpu_bf16": ("bool", None, None),
+    "segmenter_filters": ("int", 1, 1024),
 }
 
 

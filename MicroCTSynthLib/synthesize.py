@@ -64,13 +64,15 @@ BLEND_MODES = ("gaussian", "constant")
 class SynthesisResult:
     """The synthetic micro-CT and tissue map on the output grid, and their uncertainty.
 
+    ``microct``: None for the direct segmenter, which gives the tissue map only.
+
     ``std``: voxel-wise standard deviation of the synthetic micro-CT over the stochastic
     passes (micro-CT units; None with one deterministic pass). ``entropy``: entropy of the
     tissue map, normalised by log(3) to [0, 1] (0 certain, 1 all three classes equally
     likely; None unless asked for). Both are 0 outside the field of view.
     """
 
-    microct: Volume
+    microct: Volume | None
     tissue: Volume
     std: Volume | None = None
     entropy: Volume | None = None
@@ -403,14 +405,18 @@ class _Passes(nn.Module):
     is the mean of the blended softmaxes.
     """
 
-    def __init__(self, generator: nn.Module, samples: int, multitask: bool):
+    def __init__(self, generator: nn.Module, samples: int, multitask: bool, image_head: bool = True):
         super().__init__()
-        self.generator, self.samples, self.multitask = generator, samples, multitask
+        self.generator, self.samples, self.multitask, self.image_head = generator, samples, multitask, image_head
 
     def forward(self, x):
         images, probabilities = [], None
         for _ in range(self.samples):
             out = self.generator(x)
+            if not self.image_head:  # the direct segmenter: logits only
+                p = torch.softmax(out.float(), dim=1)
+                probabilities = p if probabilities is None else probabilities + p
+                continue
             if self.multitask:
                 image, logits = out
                 p = torch.softmax(logits.float(), dim=1)
@@ -424,13 +430,13 @@ class _Passes(nn.Module):
         return torch.cat(channels, dim=1)
 
 
-def _passes(generator: nn.Module, samples: int, multitask: bool) -> _Passes:
+def _passes(generator: nn.Module, samples: int, multitask: bool, image_head: bool = True) -> _Passes:
     """One _Passes per generator and setting, kept with the generator (not a submodule: no state), so
     that a network compiled for it (OpenVINO) is reused by later syntheses (the cases of an experiment)."""
     per_generator = generator.__dict__.setdefault("_synthesis_passes", {})
-    key = (int(samples), bool(multitask))
+    key = (int(samples), bool(multitask), bool(image_head))
     if key not in per_generator:
-        per_generator[key] = _Passes(generator, samples, multitask)
+        per_generator[key] = _Passes(generator, samples, multitask, image_head)
     return per_generator[key]
 
 
@@ -472,8 +478,9 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
                        multitask: bool = False, overlap=0.5, blend="gaussian", samples=1, device="cpu",
                        progress="none", chunk_voxels=DEFAULT_CHUNK_VOXELS, sw_batch_size="auto",
                        closing_radius_mm=None, spacing_mm=None, precision="auto", backend="auto",
-                       entropy=None, skip_background=True) -> SynthesisResult:
-    """Synthesize ``ct`` onto ``grid`` with ``generator`` (any module with the Generator's outputs).
+                       entropy=None, skip_background=True, image_head=True) -> SynthesisResult:
+    """Synthesize ``ct`` onto ``grid`` with ``generator`` (any module with the Generator's outputs;
+    ``image_head`` False: a segmenter's logits only, which gives the tissue map and no micro-CT).
 
     The CT is resampled (linear, outside the CT the darkest value of the CT window) onto the
     grid one slab of patch rows at a time, normalised (``normalization.ct_to_net``), run
@@ -501,7 +508,7 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
         result = synthesize_on_grid(ct, work, generator, normalization, patch_size, multitask, overlap, blend, samples,
                                     device, progress, chunk_voxels, sw_batch_size, closing_radius_mm,
                                     precision=precision, backend=backend, entropy=want_entropy,
-                                    skip_background=skip_background)
+                                    skip_background=skip_background, image_head=image_head)
         return _resample_result(result, grid, field_of_view(ct, grid), float(normalization.net_to_microct(np.float32(-1.0))))
     overlap = _check_overlap(overlap)
     if blend not in BLEND_MODES:
@@ -518,7 +525,9 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
     generator = generator.to(device).eval()
     if samples > 1 and enable_dropout(generator) == 0:
         log("The model has no dropout: all samples are equal and the uncertainty is zero.", _mode(progress))
-    predictor = _passes(generator, samples, multitask)
+    multitask = multitask or not image_head
+    n_images = samples if image_head else 0
+    predictor = _passes(generator, samples, multitask, image_head)
     if samples > 1 and backend in (None, "auto"):
         backend = "torch"  # stochastic passes keep dropout on, which only PyTorch runs
     runner = WindowPredictor(predictor, roi, device, precision, backend)
@@ -537,8 +546,8 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
     outside_value = float(normalization.ct_window[0]) if hasattr(normalization, "ct_window") else -1000.0
     floor = float(np.min(normalization.ct_to_net(np.float32([outside_value, outside_value - 1.0]))))
 
-    out_microct = np.zeros(grid.shape, dtype=np.float32)
-    out_std = np.zeros(grid.shape, dtype=np.float32) if samples > 1 else None
+    out_microct = np.zeros(grid.shape, dtype=np.float32) if image_head else None
+    out_std = np.zeros(grid.shape, dtype=np.float32) if samples > 1 and image_head else None
     out_labels = np.zeros(grid.shape, dtype=np.uint8) if multitask else None
     out_entropy = np.zeros(grid.shape, dtype=np.float32) if want_entropy else None
     passes_dir = None
@@ -560,14 +569,15 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
         dst = slice(lo - pad_before[0], hi - pad_before[0])
         blended = acc.numerators[0][(slice(None),) + src]
         blended /= weight_sum(lo, hi, starts, roi, weight, shape_yx)[(slice(None),) + src[1:]]
-        passes = normalization.net_to_microct(blended[:samples]).astype(np.float32)
-        out_microct[dst] = passes.mean(axis=0)
-        if out_std is not None:
-            out_std[dst] = passes.std(axis=0)
-        if out_passes is not None:
-            out_passes[:, dst] = passes
+        if image_head:
+            passes = normalization.net_to_microct(blended[:samples]).astype(np.float32)
+            out_microct[dst] = passes.mean(axis=0)
+            if out_std is not None:
+                out_std[dst] = passes.std(axis=0)
+            if out_passes is not None:
+                out_passes[:, dst] = passes
         if multitask:
-            probabilities = blended[samples:samples + 3]
+            probabilities = blended[n_images:n_images + 3]
             out_labels[dst] = np.argmax(probabilities, axis=0).astype(np.uint8) + AIR
             if out_entropy is not None:
                 out_entropy[dst] = _entropy(probabilities)
@@ -612,10 +622,11 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
             "not run, they take the network's output for such a window.", _mode(progress))
 
     # Outside the CT there is nothing to synthesize from: the darkest micro-CT value, label 0.
-    out_microct[~fov] = float(normalization.net_to_microct(np.float32(-1.0)))
+    if out_microct is not None:
+        out_microct[~fov] = float(normalization.net_to_microct(np.float32(-1.0)))
     if out_std is not None:
         out_std[~fov] = 0.0
-    microct = grid.with_array(out_microct)
+    microct = grid.with_array(out_microct) if out_microct is not None else None
     if multitask:
         labels = out_labels
     else:
@@ -653,9 +664,11 @@ def _resample_result(result: SynthesisResult, grid: Volume, fov: np.ndarray, out
     def onto(volume: Volume, interpolator, pixel) -> np.ndarray:
         return _resample(volume.to_sitk(), grid, (0, 0, 0), grid.size, interpolator, 0, pixel)
 
-    microct = onto(result.microct, sitk.sitkLinear, sitk.sitkFloat32)
+    microct = onto(result.microct, sitk.sitkLinear, sitk.sitkFloat32) if result.microct is not None else None
     tissue = onto(result.tissue, sitk.sitkNearestNeighbor, sitk.sitkUInt8)
-    microct[~fov], tissue[~fov] = outside, OUTSIDE
+    tissue[~fov] = OUTSIDE
+    if microct is not None:
+        microct[~fov] = outside
     extras = []
     for volume in (result.std, result.entropy):
         if volume is None:
@@ -664,7 +677,7 @@ def _resample_result(result: SynthesisResult, grid: Volume, fov: np.ndarray, out
         array = onto(volume, sitk.sitkLinear, sitk.sitkFloat32)
         array[~fov] = 0.0
         extras.append(grid.with_array(array))
-    return SynthesisResult(grid.with_array(microct), grid.with_array(tissue), *extras)
+    return SynthesisResult(grid.with_array(microct) if microct is not None else None, grid.with_array(tissue), *extras)
 
 
 def _mode(progress) -> str:
@@ -706,6 +719,7 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=0.5, bl
     generator, meta = load_generator(model_path, device=dev)
     normalization = Normalization.from_dict(meta["normalization"])
     multitask = meta.get("model") == "multi" or bool(meta.get("generator_args", {}).get("multitask", False))
+    image_head = meta.get("model") != "segmenter"
     patch_size = int(meta.get("patch_size") or 0)
     if patch_size <= 0 or patch_size % 4:
         raise MicroCTSynthError(f"The model file's patch size {patch_size} is not a positive multiple of 4.")
@@ -715,14 +729,14 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=0.5, bl
 
     voxels = float(np.prod(grid.shape)) + float(np.prod(regrid(grid, spacing).shape))
     slab = max(float(chunk_voxels), float(patch_size) * np.prod(grid.shape[1:]))
-    check_memory(synthesis_bytes(meta["generator_args"], patch_size, voxels, int(samples), slab),
+    check_memory(synthesis_bytes(meta["generator_args"], patch_size, voxels, int(samples), slab, meta.get("model")),
                  f"Synthesizing a grid of {grid.shape[2]} x {grid.shape[1]} x {grid.shape[0]} voxels",
                  "give a smaller region of interest (--roi) or fewer --samples", dev)
     closing = (meta.get("preset") or {}).get("tissue_closing_radius_mm")
     return synthesize_on_grid(ct, grid, generator, normalization, patch_size, multitask=multitask, overlap=overlap,
                               blend=blend, samples=samples, device=dev, progress=progress, chunk_voxels=chunk_voxels,
                               closing_radius_mm=closing, spacing_mm=spacing, precision=precision, backend=backend,
-                              sw_batch_size=sw_batch_size, entropy=entropy)
+                              sw_batch_size=sw_batch_size, entropy=entropy, image_head=image_head)
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -751,8 +765,12 @@ def command_synthesize(args) -> int:
                         samples=args.samples, device=args.device, progress=args.progress,
                         precision=getattr(args, "precision", "auto"), backend=getattr(args, "backend", "auto"),
                         sw_batch_size=getattr(args, "sw_batch_size", "auto"), entropy=bool(getattr(args, "entropy", None)))
-    outputs = {"microct": str(write_volume(result.microct, args.out_microct)),
-               "tissue": str(write_volume(result.tissue, args.out_tissue))}
+    outputs = {"tissue": str(write_volume(result.tissue, args.out_tissue))}
+    if result.microct is not None and args.out_microct:
+        outputs["microct"] = str(write_volume(result.microct, args.out_microct))
+    elif args.out_microct:
+        log(f"The model is a direct segmenter: it makes a tissue map and no micro-CT, so '{args.out_microct}' "
+            "is not written.", args.progress)
     if args.uncertainty:
         outputs["uncertainty"] = str(write_volume(result.std, args.uncertainty))
     if getattr(args, "entropy", None):

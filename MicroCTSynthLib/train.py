@@ -37,10 +37,11 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import (check_network_arguments, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .data import Normalization, PatchDataset, build_datasets, patch_sampler
-from .inference import configure_cuda
+from .augment import randomize_ct
+from .inference import configure_cuda, cpu_has_native_bf16
 from .errors import MicroCTSynthError
-from .losses import GANLoss, discriminator_loss, generator_loss, loss_options, validation_loss
-from .networks import Discriminator, Generator
+from .losses import GANLoss, discriminator_loss, generator_loss, loss_options, segmentation_loss, validation_loss
+from .networks import Discriminator, Generator, Segmenter, segmenter_levels
 from .dataset import Dataset
 from .memory import check_memory, training_bytes
 from .presets import load_preset
@@ -51,7 +52,8 @@ from .volume import atomic_path, write_json
 __all__ = ["train", "command_train", "training_step", "lr_lambda", "make_scheduler", "resolve_device",
            "loss_weights", "build_networks", "fingerprint", "RunFiles"]
 
-MODELS = ("single", "multi")
+MODELS = ("single", "multi", "segmenter")
+VALIDATION_TERMS = ("val_loss", "val_L1", "val_perceptual", "val_dice", "val_ce")
 
 
 # -- the schedule ------------------------------------------------------------------------------
@@ -85,10 +87,13 @@ def loss_weights(preset: dict, model: str) -> dict:
             "dice": float(preset["lambda_dice_multi"])}
 
 
-def build_networks(preset: dict, model: str) -> tuple[Generator, Discriminator]:
-    """G and D as the preset describes them (pix2pix initialisation, drawn from torch's generator)."""
+def build_networks(preset: dict, model: str) -> tuple:
+    """G and D as the preset describes them (pix2pix initialisation, drawn from torch's generator);
+    for ``segmenter`` the DynUNet and no discriminator."""
     if model not in MODELS:
-        raise MicroCTSynthError(f"The model is 'single' or 'multi', not '{model}'.")
+        raise MicroCTSynthError(f"The model is 'single', 'multi' or 'segmenter', not '{model}'.")
+    if model == "segmenter":
+        return Segmenter(filters=int(preset["segmenter_filters"]), levels=segmenter_levels(preset["patch_size"])), None
     generator = Generator(in_channels=1, ngf=int(preset["ngf"]), n_blocks=int(preset["n_blocks"]),
                           multitask=model == "multi", dropout=float(preset["dropout"]),
                           input_skip=bool(preset.get("input_skip", False)))
@@ -278,6 +283,17 @@ def training_step(G, D, discriminator, optimizer_G, optimizer_D, real_A, real_B,
     return {**terms_G, **terms_D}
 
 
+def segmenter_step(net, optimizer, real_A, tissue, autocast=nullcontext, options: dict | None = None) -> dict[str, float]:
+    """One iteration of the direct segmenter: Dice + cross-entropy (nnU-Net's loss) on the patch."""
+    with autocast():
+        logits = net(real_A)
+    loss, terms = segmentation_loss(logits.float(), tissue, **(options or {}))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
 def fingerprint(*modules: torch.nn.Module) -> list[float]:
     """A few float64 numbers that change with any weight: sum, sum of squares and a position-weighted
     sum of every parameter. Ranks of a distributed run compare them to check they stayed in step."""
@@ -291,7 +307,8 @@ def fingerprint(*modules: torch.nn.Module) -> list[float]:
 
 
 def _validate(generator, discriminator, dataset: PatchDataset, device, multitask: bool, autocast, options: dict) -> dict:
-    """Mean over the validation patches of the thesis' validation loss (dropout off)."""
+    """Mean over the validation patches of the thesis' validation loss (dropout off); for the
+    segmenter (no ``discriminator``), its training loss."""
     generator.eval()
     totals: dict[str, float] = {}
     with torch.no_grad():
@@ -300,9 +317,13 @@ def _validate(generator, discriminator, dataset: PatchDataset, device, multitask
             real_A, real_B = item["real_A"][None].to(device), item["real_B"][None].to(device)
             tissue = item["tissue"][None].to(device)
             with autocast():
-                fake_B, logits = _split(generator(real_A), multitask)
-                total, terms = validation_loss(discriminator, real_A, fake_B.float(), real_B, tissue,
-                                               None if logits is None else logits.float(), **options)
+                if discriminator is None:
+                    total, terms = segmentation_loss(generator(real_A).float(), tissue, **options)
+                    terms = {f"val_{k}": float(v) for k, v in terms.items()}
+                else:
+                    fake_B, logits = _split(generator(real_A), multitask)
+                    total, terms = validation_loss(discriminator, real_A, fake_B.float(), real_B, tissue,
+                                                   None if logits is None else logits.float(), **options)
             for k, v in {"val_loss": float(total), **terms}.items():
                 totals[k] = totals.get(k, 0.0) + v
     generator.train()
@@ -314,10 +335,16 @@ def _picture(generator, item: dict, device, multitask: bool, autocast) -> dict:
     generator.eval()
     with torch.no_grad(), autocast():
         real_A = item["real_A"][None].to(device)
-        fake_B, logits = _split(generator(real_A), multitask)
+        output = generator(real_A)
     generator.train()
-    images = {"real_A": real_A, "fake_B": fake_B, "real_B": item["real_B"][None]}
-    if multitask:
+    if isinstance(generator, Segmenter):
+        fake_B, logits = None, output
+    else:
+        fake_B, logits = _split(output, multitask)
+    images = {"real_A": real_A, "real_B": item["real_B"][None]}
+    if fake_B is not None:
+        images["fake_B"] = fake_B
+    if logits is not None:
         inside = item["tissue"][None].to(device) > 0
         images["fake_tissue"] = (logits.argmax(1, keepdim=True) + 1) * inside
         images["real_tissue"] = item["tissue"][None]
@@ -333,14 +360,14 @@ def _snapshot_item(train: PatchDataset, val: PatchDataset | None) -> dict:
 
 # -- training ----------------------------------------------------------------------------------------
 def train(data_dir, group: str = "A", model: str = "single", preset="quick", out=None, epochs_constant=None,
-          epochs_decay=None, device="auto", amp: bool = False, resume=None, seed: int = 0, progress="bar",
+          epochs_decay=None, device="auto", amp: bool | None = None, resume=None, seed: int = 0, progress="bar",
           overwrite: bool = False, allow_mismatch: bool = False) -> Path:
     """Train the single-task (Eq. 5) or multitask (Eq. 6) 3D cGAN on ``group`` of ``data_dir``.
 
     ``preset``: "paper", "quick", "tiny", a JSON path or a dict; ``epochs_constant`` /
     ``epochs_decay`` replace its ``n_epochs`` / ``n_epochs_decay``; ``out``: the run folder
     (default DATA/runs/<group>_<model>); ``resume``: "last" (the run folder's last.pt) or a
-    checkpoint path; ``amp``: bf16 autocast on CUDA; ``progress``: "bar", "json" or "none".
+    checkpoint path; ``amp``: bf16 autocast (None: the preset's ``cpu_bf16`` on a CPU with native bf16, fp32 on a GPU); ``progress``: "bar", "json" or "none".
     A run folder that holds a run is refused unless ``resume`` or ``overwrite`` (which deletes
     its checkpoints first); a checkpoint of another group or other cases is refused on resume
     unless ``allow_mismatch``. The run folder is locked while the run lasts.
@@ -440,18 +467,31 @@ def _resolve_preset(name, model: str, epochs_constant, epochs_decay, dev) -> dic
     return preset
 
 
+def _resolve_amp(amp, preset: dict, dev: torch.device, mode: str) -> bool:
+    """bf16 autocast or not: ``None`` takes the preset's choice on a CPU (``cpu_bf16``, measured per
+    preset by ``benchmarks/bench_train.py``) where the CPU computes bf16 natively, fp32 on a GPU."""
+    if dev.type == "cuda":
+        return bool(amp)
+    native = cpu_has_native_bf16()
+    if amp is None:
+        return bool(preset.get("cpu_bf16", False)) and native
+    if amp and not native:
+        warnings.warn("This CPU has no native bf16 (AVX512-BF16 or AMX): --amp would be emulated and slower; "
+                      "training in float32.", stacklevel=3)
+        log("--amp: this CPU has no native bf16; training in float32.", mode)
+        return False
+    return bool(amp)
+
+
 def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
            dist: _Distributed, allow_mismatch: bool = False) -> Path:
     n_epochs, n_decay = int(preset["n_epochs"]), int(preset["n_epochs_decay"])
     total_epochs = n_epochs + n_decay
     multitask = model == "multi"
-    if amp and dev.type != "cuda":
-        warnings.warn("--amp (bf16 autocast) needs a CUDA GPU; training on the CPU in float32.", stacklevel=2)
-        log("--amp needs a CUDA GPU: training on the CPU in float32.", mode)
-        amp = False
+    amp = _resolve_amp(amp, preset, dev, mode)
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if amp else nullcontext()
 
     checkpoint = None
     if resume:
@@ -470,14 +510,19 @@ def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
         log(data["warning"], _loud(mode))
     normalization: Normalization = data["normalization"]
     generator, discriminator = build_networks(preset, model)
-    if train_set.patch_size < discriminator.min_size:
+    gan = discriminator is not None
+    if gan and train_set.patch_size < discriminator.min_size:
         raise MicroCTSynthError(f"Patches of {train_set.patch_size} voxels are too small for the discriminator with "
                                 f"{preset['n_layers_D']} strided layers (at least {discriminator.min_size}).")
     lr, beta1 = float(preset["lr"]), float(preset["beta1"])
-    optimizer_G = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, 0.999))
-    optimizer_D = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
+    # The segmenter: Adam with its usual betas (nnU-Net's own SGD needs 1000 epochs), the same schedule.
+    optimizer_G = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1 if gan else 0.9, 0.999))
+    optimizer_D = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999)) if gan else None
     scheduler_G = make_scheduler(optimizer_G, n_epochs, n_decay)
-    scheduler_D = make_scheduler(optimizer_D, n_epochs, n_decay)
+    scheduler_D = make_scheduler(optimizer_D, n_epochs, n_decay) if gan else None
+    optimizers = [o for o in (optimizer_G, optimizer_D) if o is not None]
+    schedulers = [o for o in (scheduler_G, scheduler_D) if o is not None]
+    networks = {"generator": generator, **({"discriminator": discriminator} if gan else {})}
     gan_loss = GANLoss(preset.get("gan_mode", "vanilla"))
     weights = loss_weights(preset, model)
     options = loss_options(preset)
@@ -487,14 +532,15 @@ def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
         check_network_arguments(checkpoint["generator_args"], generator.arguments, "generator", path)
         check_network_arguments({"patch_size": checkpoint["patch_size"], "downsample": checkpoint.get("downsample", 1)},
                                 {"patch_size": train_set.patch_size, "downsample": data["downsample"]}, "patch setting", path)
-        check_network_arguments(checkpoint.get("discriminator_args", {}), discriminator.arguments, "discriminator", path)
         generator.load_state_dict(checkpoint["generator"])
-        discriminator.load_state_dict(checkpoint["discriminator"])
         optimizer_G.load_state_dict(checkpoint["optimizer_G"])
-        optimizer_D.load_state_dict(checkpoint["optimizer_D"])
         scheduler_G.load_state_dict(checkpoint["scheduler_G"])
-        scheduler_D.load_state_dict(checkpoint["scheduler_D"])
-        _apply_new_lr(checkpoint, lr, (optimizer_G, optimizer_D), (scheduler_G, scheduler_D), mode)
+        if gan:
+            check_network_arguments(checkpoint.get("discriminator_args", {}), discriminator.arguments, "discriminator", path)
+            discriminator.load_state_dict(checkpoint["discriminator"])
+            optimizer_D.load_state_dict(checkpoint["optimizer_D"])
+            scheduler_D.load_state_dict(checkpoint["scheduler_D"])
+        _apply_new_lr(checkpoint, lr, optimizers, schedulers, mode)
         start_epoch, history = int(checkpoint["epoch"]), list(checkpoint.get("history") or [])
         rngs = checkpoint["rng"]
         ranks = rngs.get("ranks") or []
@@ -503,28 +549,30 @@ def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
         # Same initial weights on every rank (DDP broadcasts rank 0's anyway), own dropout noise.
         torch.manual_seed(seed + 1_000_003 * dist.rank)
 
-    generator.to(dev).train()
-    discriminator.to(dev).train()
+    for net in networks.values():
+        net.to(dev).train()
     gan_loss.to(dev)
-    _optimizer_to(optimizer_G, dev)
-    _optimizer_to(optimizer_D, dev)
+    for optimizer in optimizers:
+        _optimizer_to(optimizer, dev)
     G, D = generator, discriminator
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [dev.index] if dev.type == "cuda" else None
-        G, D = DDP(generator, device_ids=ids), DDP(discriminator, device_ids=ids)
+        G = DDP(generator, device_ids=ids)
+        D = DDP(discriminator, device_ids=ids) if gan else None
 
     if dev.type == "cuda":
         # Every patch has one shape: cuDNN autotunes each convolution once. Channels-last 3D feeds
         # its bf16 / tf32 tensor-core kernels; pinned batches copy to the GPU without blocking.
         configure_cuda(dev)
-        generator.to(memory_format=torch.channels_last_3d)
-        discriminator.to(memory_format=torch.channels_last_3d)
+        for net in networks.values():
+            net.to(memory_format=torch.channels_last_3d)
     sampler = patch_sampler(train_set, shuffle=True, seed=seed, max_patches=preset.get("max_patches_per_epoch"))
     loader = DataLoader(train_set, batch_size=int(preset.get("batch_size", 1)), sampler=sampler, num_workers=0,
                         pin_memory=dev.type == "cuda")
     steps_per_epoch = len(loader)
+    patch_spacing = float(min(data["spacing_mm"])) * int(data["downsample"])
     val_every, ckpt_every = max(int(preset["validate_every"]), 1), max(int(preset["checkpoint_every"]), 1)
 
     best_val = min((h["val_loss"] for h in history if h.get("val_loss") is not None), default=math.inf)
@@ -535,7 +583,8 @@ def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
         snapshot_item = _snapshot_item(train_set, val_set)
         if val_set is None or len(val_set) == 0:
             log(f"Group {group} has no validation case: best.pt will be the last epoch.", mode)
-        log(f"Training the {model}-task cGAN on group {group} ({len(train_set)} training patches of "
+        what = "direct segmenter (DynUNet)" if model == "segmenter" else f"{model}-task cGAN"
+        log(f"Training the {what} on group {group} ({len(train_set)} training patches of "
             f"{train_set.patch_size}^3, {steps_per_epoch} iterations per epoch, epochs {start_epoch + 1}-{total_epochs}) "
             f"on {dev}{' with bf16 autocast' if amp else ''}.", mode)
 
@@ -543,10 +592,11 @@ def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
 
     def state(epoch: int, val: float | None, rngs: list) -> dict:
         return {"model": model, "epoch": epoch, "generator": generator.state_dict(),
-                "discriminator": discriminator.state_dict(), "optimizer_G": optimizer_G.state_dict(),
-                "optimizer_D": optimizer_D.state_dict(), "scheduler_G": scheduler_G.state_dict(),
-                "scheduler_D": scheduler_D.state_dict(), "rng": {**rngs[0], "ranks": rngs if len(rngs) > 1 else []},
-                "generator_args": generator.arguments, "discriminator_args": discriminator.arguments,
+                "discriminator": discriminator.state_dict() if gan else None, "optimizer_G": optimizer_G.state_dict(),
+                "optimizer_D": optimizer_D.state_dict() if gan else None, "scheduler_G": scheduler_G.state_dict(),
+                "scheduler_D": scheduler_D.state_dict() if gan else None,
+                "rng": {**rngs[0], "ranks": rngs if len(rngs) > 1 else []},
+                "generator_args": generator.arguments, "discriminator_args": discriminator.arguments if gan else {},
                 "normalization": normalization.to_dict(), "preset": preset, "spacing_mm": list(data["spacing_mm"]),
                 "patch_size": train_set.patch_size, "downsample": data["downsample"], "val_loss": val,
                 "history": history, "group": group, "cases": data["cases"], "seed": seed,
@@ -563,11 +613,15 @@ def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
             window_steps = 0
             start = time.monotonic()
             for step, batch in enumerate(loader):
-                real_A = batch["real_A"].to(dev, non_blocking=True)
+                real_A = randomize_ct(batch["real_A"].to(dev, non_blocking=True), preset, normalization.ct_window,
+                                      patch_spacing)
                 real_B = batch["real_B"].to(dev, non_blocking=True)
                 tissue = batch["tissue"].to(dev, non_blocking=True)
-                terms = training_step(G, D, discriminator, optimizer_G, optimizer_D, real_A, real_B, tissue,
-                                      gan_loss, weights, multitask, autocast, options)
+                if gan:
+                    terms = training_step(G, D, discriminator, optimizer_G, optimizer_D, real_A, real_B, tissue,
+                                          gan_loss, weights, multitask, autocast, options)
+                else:
+                    terms = segmenter_step(G, optimizer_G, real_A, tissue, autocast, options)
                 _check_finite(terms, epoch * steps_per_epoch + step + 1, epoch + 1, files)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -583,9 +637,9 @@ def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
                     bar.update(window_steps, force=end_of_epoch, epoch=epoch + 1, lr=epoch_lr, iterations=window_steps,
                                **{k: round(v / window_steps, 5) for k, v in window.items()})
                     window, window_steps = {}, 0
-            scheduler_G.step()
-            scheduler_D.step()
-            _check_weights({"generator": generator, "discriminator": discriminator}, epoch + 1, files)
+            for scheduler in schedulers:
+                scheduler.step()
+            _check_weights(networks, epoch + 1, files)
             seconds = time.monotonic() - start
             done = epoch + 1
             entry = {"epoch": done, "lr": epoch_lr, **{k: v / max(steps_per_epoch, 1) for k, v in sums.items()},
@@ -605,7 +659,7 @@ def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
                 if writer is not None:
                     writer.add_scalar("lr", epoch_lr, end_step)
                     writer.add_scalar("epoch", done, end_step)
-                    for k in ("val_loss", "val_L1", "val_perceptual", "val_dice"):
+                    for k in VALIDATION_TERMS:
                         if entry.get(k) is not None:
                             writer.add_scalar(f"validation/{k}", entry[k], end_step)
                 if validate:
@@ -619,14 +673,14 @@ def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
                     _save_curve(files.curve, history, model)
                 write_json(files.history, history)
                 bar.update(0, force=True, epoch=done, lr=epoch_lr, seconds_per_iteration=entry["seconds_per_iteration"],
-                           **{k: entry[k] for k in ("val_loss", "val_L1", "val_perceptual", "val_dice") if entry.get(k) is not None})
+                           **{k: entry[k] for k in VALIDATION_TERMS if entry.get(k) is not None})
                 if entry["val_loss"] is not None:
                     bar.log(f"epoch {done}: validation loss {entry['val_loss']:.4f}" + (" (best so far)" if is_best else ""))
             else:
                 history.append(entry)
             checkpointing = done % ckpt_every == 0 or last_epoch
             rngs = dist.gather(rng_state())
-            fingerprints = dist.gather(fingerprint(generator, discriminator)) if dist.enabled and checkpointing else None
+            fingerprints = dist.gather(fingerprint(*networks.values())) if dist.enabled and checkpointing else None
             if fingerprints is not None and dist.main and any(f != fingerprints[0] for f in fingerprints):
                 log("Warning: the ranks' weights differ; the distributed run lost step.", mode)
             if dist.main:

@@ -180,7 +180,7 @@ def test_cmake_lists_name_existing_files():
         assert (MODULE_DIR / f).is_file(), f"MicroCTSynth/CMakeLists.txt names a missing file {f}"
     # The engine's package data is installed with its scripts: presets now, shipped models later.
     assert "MicroCTSynthLib/Resources/presets/*.json" in module and "MicroCTSynthLib/Resources/models/*" in module
-    assert sorted(p.name for p in (ENGINE / "Resources" / "presets").glob("*.json")) == ["paper.json", "quick.json", "tiny.json"]
+    assert sorted(p.name for p in (ENGINE / "Resources" / "presets").glob("*.json")) == ["paper.json", "pretrained.json", "quick.json", "tiny.json"]
 
 
 @pytest.mark.parametrize("icon", [MODULE_DIR / "Resources" / "Icons" / "MicroCTSynth.png", ROOT / "Resources" / "Icons" / "MicroCTSynth.png"])
@@ -210,7 +210,8 @@ STEP_MODULES = {
 }
 #: Import name -> the distribution the module installs (numpy, vtk, slicer come with Slicer).
 DISTRIBUTIONS = {"torch.utils.tensorboard": "tensorboard", "torch": "torch", "SimpleITK": "SimpleITK", "skimage": "scikit-image",
-                 "scipy": "scipy", "tqdm": "tqdm", "matplotlib": "matplotlib", "tensorboard": "tensorboard"}
+                 "scipy": "scipy", "tqdm": "tqdm", "matplotlib": "matplotlib", "tensorboard": "tensorboard",
+                 "monai": "monai"}
 
 
 def test_each_step_asks_for_exactly_the_packages_its_engine_modules_import(module_tree):

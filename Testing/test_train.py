@@ -246,10 +246,26 @@ def test_foreign_and_damaged_files_get_clear_errors(tmp_path, straight_run):
 
 
 # -- multitask, devices -------------------------------------------------------------------------------
-def test_multitask_run_with_amp_on_cpu_warns_and_trains(dataset_dir, tmp_path):
-    with pytest.warns(UserWarning, match="amp"):
-        best = train(dataset_dir, model="multi", preset="tiny", out=tmp_path, epochs_constant=1, epochs_decay=1,
-                     amp=True, device="cpu", progress="none")
+def test_amp_on_a_cpu_without_native_bf16_warns_and_trains_in_fp32(dataset_dir, tmp_path, monkeypatch):
+    import MicroCTSynthLib.train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="native bf16"):
+        assert train_module._resolve_amp(True, load_preset("paper"), torch.device("cpu"), "none") is False
+    # The preset's choice applies only where the CPU computes bf16 natively.
+    assert train_module._resolve_amp(None, {**load_preset("paper"), "cpu_bf16": True}, torch.device("cpu"), "none") is False
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    assert train_module._resolve_amp(None, {**load_preset("paper"), "cpu_bf16": True}, torch.device("cpu"), "none") is True
+    assert train_module._resolve_amp(None, load_preset("quick"), torch.device("cpu"), "none") is False
+    assert train_module._resolve_amp(False, {**load_preset("paper"), "cpu_bf16": True}, torch.device("cpu"), "none") is False
+
+
+def test_multitask_run_with_bf16_autocast_on_cpu_trains(dataset_dir, tmp_path, monkeypatch):
+    import MicroCTSynthLib.train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)  # emulated where it is not
+    best = train(dataset_dir, model="multi", preset="tiny", out=tmp_path, epochs_constant=1, epochs_decay=1,
+                 amp=True, device="cpu", progress="none")
     ckpt = load_checkpoint(best)
     assert ckpt["model"] == "multi" and ckpt["generator_args"]["multitask"]
     assert {"val_L1", "val_dice"} <= set(ckpt["history"][-1]) and "val_perceptual" not in ckpt["history"][-1]

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PRESETS = ("tiny", "quick", "paper")
+PRESETS = ("tiny", "quick", "pretrained", "paper")
 
 
 def _rss_bytes() -> int:
@@ -59,7 +59,9 @@ def measure(preset_name: str, model: str, device: str, amp: bool, iterations: in
     preset = {**load_preset(preset_name), **overrides}
     dev = resolve_device(device)
     if amp and dev.type != "cuda":
-        amp = False
+        from MicroCTSynthLib.inference import cpu_has_native_bf16
+
+        amp = cpu_has_native_bf16()  # emulated bf16 is only slower: not measured
     baseline_rss = _rss_bytes()
     torch.manual_seed(0)
     generator, discriminator = build_networks(preset, model)
@@ -84,7 +86,7 @@ def measure(preset_name: str, model: str, device: str, amp: bool, iterations: in
     tissue = torch.randint(1, 4, shape, device=dev)
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False)
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False)
 
     def sync():
         if dev.type == "cuda":
@@ -143,7 +145,11 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="all", choices=("all",) + PRESETS)
     parser.add_argument("--model", default="single", choices=("single", "multi"))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only; ignored on CPU)")
+    parser.add_argument("--amp", action="store_true",
+                        help="bf16 autocast (CUDA, or a CPU with native bf16: AVX512-BF16 or AMX)")
+    parser.add_argument("--compare-bf16", action="store_true",
+                        help="time each preset in fp32 and under bf16 autocast, side by side, and print the ratio "
+                             "beside the preset's cpu_bf16 choice")
     parser.add_argument("--no-channels-last", action="store_true", help="CUDA: keep the default NCDHW layout")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -169,10 +175,12 @@ def main(argv=None) -> int:
         return 0
 
     rows = []
-    for preset in (PRESETS if args.preset == "all" else (args.preset,)):
+    runs = [(p, amp) for p in (PRESETS if args.preset == "all" else (args.preset,))
+            for amp in ((False, True) if args.compare_bf16 else (args.amp,))]
+    for preset, amp in runs:
         cmd = [sys.executable, __file__, "--child", "--preset", preset, "--model", args.model, "--device", args.device,
                "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
-        cmd += ["--amp"] if args.amp else []
+        cmd += ["--amp"] if amp else []
         cmd += ["--no-channels-last"] if args.no_channels_last else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
         for item in args.set:
@@ -191,6 +199,18 @@ def main(argv=None) -> int:
                   f"peak memory {row['peak_memory_mib']:8.1f} MiB"
                   + (f" (process peak RSS {row['peak_rss_mib']:.0f} MiB, {row['threads']} thread(s))" if "peak_rss_mib" in row else ""),
                   flush=True)
+    if args.compare_bf16 and args.json != "-":
+        from MicroCTSynthLib.presets import load_preset
+
+        for preset in dict.fromkeys(r["preset"] for r in rows):
+            fp32 = next(r for r in rows if r["preset"] == preset and not r["amp"])
+            bf16 = next((r for r in rows if r["preset"] == preset and r["amp"]), None)
+            if bf16 is None:
+                print(f"{preset:>6}: no native bf16 on this device, fp32 only")
+                continue
+            speed = fp32["seconds_per_iteration"] / bf16["seconds_per_iteration"]
+            print(f"{preset:>6}: bf16 autocast trains {speed:.2f}x as fast as fp32; the preset's cpu_bf16 is "
+                  f"{str(load_preset(preset).get('cpu_bf16', False)).lower()}")
     if args.json == "-":
         print(json.dumps(rows, indent=2))
     elif args.json:

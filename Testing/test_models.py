@@ -1,0 +1,249 @@
+"""The shipped models and what makes them: scanner randomisation (augment.py), the direct
+segmenter (MONAI DynUNet), bf16 on the CPU, the cards in Resources/models/ and
+``experiment --pretrained``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from MicroCTSynthLib.augment import randomize_ct
+from MicroCTSynthLib.checkpoint import load_checkpoint
+from MicroCTSynthLib.data import Normalization
+from MicroCTSynthLib.errors import MicroCTSynthError
+from MicroCTSynthLib.labels import TISSUE_NAMES
+from MicroCTSynthLib.losses import segmentation_loss
+from MicroCTSynthLib.metrics import dice_per_class
+from MicroCTSynthLib.package_data import CARD_KEYS, sha256, shipped_checkpoint, shipped_models, verify_shipped
+from MicroCTSynthLib.phantom import CT_SCANNERS, UNSEEN_SCANNERS, draw_parameters
+from MicroCTSynthLib.presets import load_preset
+from MicroCTSynthLib.synthesize import synthesize
+from MicroCTSynthLib.networks import segmenter_levels
+from MicroCTSynthLib.train import build_networks, segmenter_step, train
+from MicroCTSynthLib.volume import Volume
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_data import synthetic_case, write_synthetic_dataset  # noqa: E402
+
+pytest.importorskip("monai")
+
+WINDOW = (-1000.0, 3000.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- scanner randomisation ------------------------------------------------------------------------
+def _ct_patch(size: int = 32) -> torch.Tensor:
+    arrays = synthetic_case(size, seed=3)
+    return torch.from_numpy(Normalization(WINDOW, (0.0, 1.0)).ct_to_net(arrays["ct_registered"]))[None, None]
+
+
+def _hu(x: torch.Tensor) -> torch.Tensor:
+    return (x + 1.0) / 2.0 * (WINDOW[1] - WINDOW[0]) + WINDOW[0]
+
+
+def test_randomisation_off_leaves_the_patch_and_on_stays_in_the_window():
+    patch = _ct_patch()
+    assert randomize_ct(patch, load_preset("quick"), WINDOW, 0.0752) is patch  # probability 0 in quick
+    preset = load_preset("pretrained")
+    g = torch.Generator().manual_seed(0)
+    batch = torch.cat([patch, patch, patch])
+    out = randomize_ct(batch, {**preset, "augment_probability": 1.0}, WINDOW, 0.0752, generator=g)
+    assert out.shape == batch.shape and out.dtype == batch.dtype
+    assert float(out.min()) >= -1.0 and float(out.max()) <= 1.0
+    # Each patch of a batch is its own scanner.
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[0], patch[0])
+    again = randomize_ct(batch, {**preset, "augment_probability": 1.0}, WINDOW, 0.0752,
+                         generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_randomised_calibration_is_the_drawn_gain_and_offset():
+    patch = _ct_patch()
+    preset = {**load_preset("pretrained"), "augment_probability": 1.0, "augment_gain": [1.299, 1.301],
+              "augment_offset_hu": [99.9, 100.1], "augment_voxel_mm": [0.01, 0.02], "augment_blur_fwhm_mm": [0.0, 0.001],
+              "augment_noise_hu": [0.0, 0.001]}
+    out = randomize_ct(patch, preset, WINDOW, 0.0752, generator=torch.Generator().manual_seed(1))
+    hu, hu_out = _hu(patch), _hu(out)
+    inside = (hu > -600) & (hu * 1.3 + 100 < WINDOW[1] - 10)  # clear of the window's edges
+    assert torch.allclose(hu_out[inside], hu[inside] * 1.3 + 100, atol=2.0)
+
+
+def test_randomised_resolution_and_noise_change_sharpness_and_grain():
+    patch = _ct_patch()
+    base = {**load_preset("pretrained"), "augment_probability": 1.0, "augment_gain": [0.999, 1.001],
+            "augment_offset_hu": [-0.1, 0.1], "augment_noise_hu": [0.0, 0.001]}
+    blurry = randomize_ct(patch, {**base, "augment_voxel_mm": [0.5, 0.51], "augment_blur_fwhm_mm": [0.6, 0.61]},
+                          WINDOW, 0.0752, generator=torch.Generator().manual_seed(2))
+    gradient = lambda x: float(torch.diff(_hu(x), dim=-1).abs().mean())  # noqa: E731
+    assert gradient(blurry) < 0.7 * gradient(patch)
+    noisy = randomize_ct(patch, {**base, "augment_voxel_mm": [0.01, 0.02], "augment_blur_fwhm_mm": [0.0, 0.001],
+                                 "augment_noise_hu": [100.0, 100.1]}, WINDOW, 0.0752,
+                         generator=torch.Generator().manual_seed(3))
+    residual = (_hu(noisy) - _hu(patch))[(_hu(patch) > -500) & (_hu(patch) < 2500)]
+    assert 80.0 < float(residual.std()) < 120.0
+
+
+def test_unseen_scanners_lie_outside_every_clinical_range_and_keep_the_anatomy():
+    for kind in UNSEEN_SCANNERS.values():
+        for key, (lo, hi) in kind.items():
+            if key == "gain":
+                assert all(hi < c[key][0] or lo > c[key][1] for c in CT_SCANNERS.values()), key
+            elif key != "offset_hu":
+                assert all(lo > c[key][1] for c in CT_SCANNERS.values()), key
+    offsets = sorted(k["offset_hu"] for k in UNSEEN_SCANNERS.values())
+    assert offsets[0][1] < min(c["offset_hu"][0] for c in CT_SCANNERS.values())
+    assert offsets[1][0] > max(c["offset_hu"][1] for c in CT_SCANNERS.values())
+    cfg = load_preset("quick")
+    seen, unseen = draw_parameters("S3_2", 4, cfg), draw_parameters("S3_2", 4, cfg, scanners="unseen")
+    assert seen["anatomy"] == unseen["anatomy"] and seen["pose_rotation_deg"] == unseen["pose_rotation_deg"]
+    assert unseen["ct_scanner"]["kind"] in UNSEEN_SCANNERS and seen["ct_scanner"] != unseen["ct_scanner"]
+    with pytest.raises(MicroCTSynthError, match="clinical or unseen"):
+        draw_parameters("S3_2", 4, cfg, scanners="other")
+
+
+# -- the direct segmenter -------------------------------------------------------------------------
+def test_segmenter_is_nnunets_plan_for_the_patch():
+    assert [segmenter_levels(p) for p in (16, 24, 32, 96)] == [3, 3, 4, 5]
+    net, discriminator = build_networks(load_preset("tiny"), "segmenter")
+    assert discriminator is None and type(net.net).__name__ == "DynUNet"
+    assert net(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
+    with pytest.raises(MicroCTSynthError, match="multiples of 4"):
+        net(torch.zeros(1, 1, 18, 16, 16))
+
+
+def test_segmenter_overfits_one_tiny_case():
+    torch.manual_seed(0)
+    arrays = synthetic_case(16, seed=5)
+    real_A = torch.from_numpy(Normalization(WINDOW, (0.0, 1.0)).ct_to_net(arrays["ct_registered"]))[None, None]
+    tissue = torch.from_numpy(arrays["tissue"].astype("int64"))[None, None]
+    net, _ = build_networks(load_preset("tiny"), "segmenter")
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    history = [segmenter_step(net, optimizer, real_A, tissue) for _ in range(120)]
+    assert history[-1]["dice"] < 0.5 * history[0]["dice"] and history[-1]["ce"] < 0.5 * history[0]["ce"]
+    with torch.no_grad():
+        labels = net(real_A).argmax(1)[0].numpy() + 1
+    dice = dice_per_class(arrays["tissue"], np.where(arrays["tissue"] > 0, labels, 0))
+    assert min(dice.values()) > 0.9, dice
+
+
+def test_segmentation_loss_leaves_out_what_lies_outside_the_field_of_view():
+    tissue = torch.ones(1, 1, 4, 4, 4, dtype=torch.long)
+    tissue[..., :2] = 0
+    logits = torch.zeros(1, 3, 4, 4, 4)
+    logits[:, 0, ..., 2:] = 10.0  # right (air) inside
+    logits[:, 2, ..., :2] = 10.0  # anything outside
+    total, terms = segmentation_loss(logits, tissue, dice_absent="skip")
+    assert float(terms["ce"]) < 1e-3 and float(total) < 0.01
+
+
+def test_segmenter_trains_resumes_and_makes_a_tissue_map_only(tmp_path):
+    data = write_synthetic_dataset(tmp_path / "data").root
+    best = train(data, model="segmenter", preset="tiny", out=tmp_path / "run", device="cpu", progress="none")
+    ckpt = load_checkpoint(best)
+    assert ckpt["model"] == "segmenter" and ckpt["discriminator"] is None and ckpt["generator_args"]["filters"] == 4
+    assert {"dice", "ce", "val_loss", "val_dice", "val_ce"} <= set(ckpt["history"][-1])
+    train(data, model="segmenter", preset="tiny", out=tmp_path / "run", device="cpu", progress="none",
+          resume="last", epochs_constant=3)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 5
+    ct = Volume(synthetic_case(32, seed=3)["ct_registered"], spacing=(0.0752,) * 3)
+    result = synthesize(ct, best, reference=ct, device="cpu")
+    assert result.microct is None and result.std is None
+    assert set(np.unique(result.tissue.array)) <= {0, 1, 2, 3} and (result.tissue.array > 0).any()
+
+
+# -- the shipped models ------------------------------------------------------------------------------
+SHIPPED = shipped_models()
+
+
+@pytest.fixture(scope="module")
+def phantom_case(tmp_path_factory):
+    """The registered CT of one tiny phantom specimen and its tissue map (prepared)."""
+    from MicroCTSynthLib.dataset import Dataset
+    from MicroCTSynthLib.phantom import make_phantom
+    from MicroCTSynthLib.prepare import prepare
+    from MicroCTSynthLib.volume import read_volume
+
+    root = tmp_path_factory.mktemp("tiny_phantom")
+    make_phantom(root, preset="tiny", seed=3, specimens="S3_7", progress="none")
+    prepare(root, progress="none")
+    ds = Dataset.load(root)
+    return read_volume(ds.path("S3_7", "ct_registered")), read_volume(ds.path("S3_7", "tissue"))
+
+
+def test_every_model_of_group_A_is_shipped():
+    assert {(c["group"], c["model"]) for c in SHIPPED.values()} >= {("A", "single"), ("A", "multi"), ("A", "segmenter")}
+    total = sum(shipped_checkpoint(c).stat().st_size for c in SHIPPED.values())
+    assert total < 30 * 1024 ** 2
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_model_matches_its_card_and_synthesizes(name, phantom_case):
+    card = SHIPPED[name]
+    assert set(CARD_KEYS) <= set(card)
+    path = verify_shipped(card)
+    assert sha256(path) == card["sha256"]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["model"] == card["model"] and state["group"] == card["group"]
+    assert state["preset"]["name"] == card["preset"] and state["epoch"] == card["epoch"]
+    assert card["command"].startswith("microctsynth train") and f"--model {card['model']}" in card["command"]
+    assert set(card["held_out"]["specimens"]) == set(card["data"]["test"])
+    assert set(card["held_out"]["median"]) == set(TISSUE_NAMES.values())
+    ct, reference = phantom_case
+    result = synthesize(ct, path, reference=ct, device="cpu", precision="fp32")
+    assert (result.microct is None) == (card["model"] == "segmenter")
+    dice = dice_per_class(reference.array, result.tissue.array)
+    assert min(dice.values()) > 0.2, dice  # a trained model, not noise, on a specimen it never saw
+
+
+def test_shipped_model_with_a_damaged_file_is_refused(tmp_path):
+    card = dict(next(iter(SHIPPED.values())))
+    copy = tmp_path / card["checkpoint"]
+    copy.write_bytes(shipped_checkpoint(card).read_bytes()[:-10] + b"0123456789")
+    card["folder"] = tmp_path
+    with pytest.raises(MicroCTSynthError, match="sha256"):
+        verify_shipped(card)
+
+
+def test_bf16_tissue_map_agrees_with_fp32(phantom_case):
+    card = next(c for c in SHIPPED.values() if c["model"] == "multi")
+    ct, _ = phantom_case
+    fp32 = synthesize(ct, shipped_checkpoint(card), reference=ct, device="cpu", precision="fp32")
+    bf16 = synthesize(ct, shipped_checkpoint(card), reference=ct, device="cpu", precision="bf16")
+    dice = dice_per_class(fp32.tissue.array, bf16.tissue.array)
+    assert min(dice.values()) >= 0.99, dice
+
+
+def test_pretrained_experiment_without_the_model_says_so_in_one_sentence(tmp_path):
+    from MicroCTSynthLib.experiment import run_experiment
+
+    data = write_synthetic_dataset(tmp_path / "data", groups={"B": {"train": ["C0"], "val": ["C1"], "test": ["C2", "C3"]}})
+    with pytest.raises(MicroCTSynthError) as err:
+        run_experiment(data.root, tmp_path / "out", groups=["B"], models=["single", "multi"], pretrained=True,
+                       progress="none")
+    message = str(err.value)
+    assert "group b single-task cgan" in message.lower() and "--pretrained" in message and message.count(". ") == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_models_command_lists_every_card(capsys):
+    from MicroCTSynthLib import cli
+
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name, card in SHIPPED.items():
+        assert name in out and card["summary"] in out
+    assert cli.main(["models", "--progress", "json"]) == 0
+    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["models"]
+    assert set(listed) == set(SHIPPED)

@@ -1,0 +1,132 @@
+"""Ship a trained model: its checkpoint, slimmed, and its card in MicroCTSynthLib/Resources/models/<name>/.
+
+    python scripts/ship_model.py --checkpoint RUN/last.pt --data PHANTOM --name multitask_A \\
+        --command "microctsynth train ..." --summary "..." [--run RUN]
+
+The checkpoint keeps what synthesis needs (network, normalisation, preset, history) and drops the
+optimisers, the discriminator and the generators' states, so it loads with ``weights_only=True``
+and stays small. The card (``model.json``) says what the README's model table says: the preset,
+the exact command that trained it, the phantom (version, seed, preset) and its specimens per role,
+the steps, wall time and machine, the Dice per class of every held-out (test) specimen of its
+group and their median, and the checkpoint's sha256. Held-out Dice is measured here, by
+synthesizing each test specimen's registered CT onto its micro-CT grid with the shipped file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from MicroCTSynthLib.checkpoint import STATE_KEYS, load_checkpoint, save_checkpoint  # noqa: E402
+from MicroCTSynthLib.dataset import Dataset  # noqa: E402
+from MicroCTSynthLib.labels import TISSUE_NAMES  # noqa: E402
+from MicroCTSynthLib.metrics import dice_per_class  # noqa: E402
+from MicroCTSynthLib.package_data import resource, sha256  # noqa: E402
+from MicroCTSynthLib.synthesize import synthesize  # noqa: E402
+from MicroCTSynthLib.volume import read_volume, write_json  # noqa: E402
+
+CLASSES = tuple(TISSUE_NAMES.values())
+
+
+def score(checkpoint, dataset: Dataset, specimens, device="cpu") -> dict:
+    """Dice per class of the checkpoint's tissue map of each specimen (registered CT -> micro-CT grid)."""
+    overlap = float((load_checkpoint(checkpoint).get("preset") or {}).get("synthesis_overlap", 0.5))
+    out = {}
+    for s in specimens:
+        ct = read_volume(dataset.path(s, "ct_registered"))
+        result = synthesize(ct, checkpoint, reference=ct, overlap=overlap, device=device, progress="none")
+        dice = dice_per_class(read_volume(dataset.path(s, "tissue")).array, result.tissue.array)
+        out[s] = {c: round(float(dice[c]), 4) for c in CLASSES}
+    return out
+
+
+def medians(per_specimen: dict) -> dict:
+    return {c: round(statistics.median(d[c] for d in per_specimen.values()), 4) for c in CLASSES}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads here; "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="the run's checkpoint to ship (best.pt, last.pt, epoch_NNN.pt)")
+    parser.add_argument("--data", required=True, help="the prepared phantom it was trained on")
+    parser.add_argument("--name", required=True, help="folder name under Resources/models/")
+    parser.add_argument("--command", required=True, help="the exact command that trained it")
+    parser.add_argument("--summary", required=True, help="one line for the Slicer panel and `microctsynth models`")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads the training used (for the card)")
+    parser.add_argument("--note", default="", help="anything else a user should know (choice of epoch, ...)")
+    args = parser.parse_args(argv)
+
+    state = load_checkpoint(args.checkpoint)
+    dataset = Dataset.load(args.data)
+    group = state["group"]
+    roles = dataset.group(group)
+    folder = Path(str(resource("models", args.name)))
+    folder.mkdir(parents=True, exist_ok=True)
+    slim = {k: v for k, v in state.items() if k not in STATE_KEYS and k not in ("format", "format_version")}
+    slim["generator"] = state["generator"]
+    target = folder / "model.pt"
+    save_checkpoint(target, slim)
+    load_checkpoint(target)  # loads with weights_only=True
+
+    held_out = score(target, dataset, roles["test"])
+    validation = score(target, dataset, roles.get("val") or [])
+    history = state.get("history") or []
+    epochs = int(state["epoch"])
+    steps_per_epoch = int(state["preset"].get("max_patches_per_epoch") or 0)
+    phantom = dataset.data.get("phantom") or {}
+    versions = sorted({p.get("phantom_version") for p in (phantom.get("specimens") or {}).values()})
+    card = {
+        "name": args.name,
+        "model": state["model"],
+        "group": group,
+        "summary": args.summary,
+        "trained_on": "the MicroCTSynth inner-ear phantom (simulated specimens): on a patient's CT it shows the "
+                      "workflow, not a clinical result",
+        "checkpoint": target.name,
+        "sha256": sha256(target),
+        "size_bytes": target.stat().st_size,
+        "preset": state["preset"].get("name"),
+        "preset_settings": state["preset"],
+        "command": args.command,
+        "data": {"phantom_version": versions[0] if len(versions) == 1 else versions, "phantom_seed": phantom.get("seed"),
+                 "phantom_preset": dataset.data.get("preset"), "train": roles["train"], "val": roles.get("val") or [],
+                 "test": roles["test"]},
+        "seed": state.get("seed"),
+        "epoch": epochs,
+        "steps": epochs * steps_per_epoch if steps_per_epoch else None,
+        "training_seconds": round(sum(float(h.get("seconds") or 0.0) for h in history[:epochs]), 1),
+        "machine": machine() if args.threads is None else machine().replace(
+            f"{torch.get_num_threads()} torch threads here", f"{args.threads} torch thread(s) in training"),
+        "held_out": {"specimens": held_out, "median": medians(held_out)},
+        "validation": validation,
+        "note": args.note,
+    }
+    write_json(folder / "model.json", card)
+    print(json.dumps({k: card[k] for k in ("name", "epoch", "steps", "training_seconds", "held_out", "validation",
+                                           "size_bytes")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
