@@ -145,6 +145,23 @@ def score_specimen(dataset: Dataset, group: str, specimen: str, runs: dict, out_
     return results
 
 
+def score_checkpoint(checkpoint, dataset: Dataset, specimens, device: str = "auto") -> dict:
+    """``{specimen: {class: Dice}}`` of a model's tissue map of each specimen, synthesized from its
+    registered CT onto its micro-CT grid with the model's own window overlap (the experiment's way)."""
+    from .checkpoint import load_checkpoint
+    from .metrics import dice_per_class
+    from .synthesize import synthesize
+
+    overlap = float((load_checkpoint(checkpoint).get("preset") or {}).get("synthesis_overlap", 0.5))
+    scores = {}
+    for s in specimens:
+        ct = read_volume(dataset.path(s, "ct_registered"))
+        result = synthesize(ct, checkpoint, reference=ct, overlap=overlap, device=device, progress="none")
+        dice = dice_per_class(read_volume(dataset.path(s, "tissue")).array, result.tissue.array)
+        scores[s] = {c: float(dice[c]) for c in CLASSES}
+    return scores
+
+
 # -- tables -------------------------------------------------------------------------------------
 def result_rows(scores: dict) -> list[dict]:
     """Flatten ``scores[group][specimen][method]`` into one row per specimen x method x class."""

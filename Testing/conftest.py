@@ -31,6 +31,18 @@ def trabecular_path() -> Path:
     return TRABECULAR_MICROCT
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests: on two shared cores, OpenMP threads spinning
+    against other processes cost far more than they give."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

@@ -35,12 +35,7 @@ pytest.importorskip("monai")
 WINDOW = (-1000.0, 3000.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- scanner randomisation ------------------------------------------------------------------------

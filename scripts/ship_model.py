@@ -29,24 +29,15 @@ import torch  # noqa: E402
 from MicroCTSynthLib.checkpoint import STATE_KEYS, load_checkpoint, save_checkpoint  # noqa: E402
 from MicroCTSynthLib.dataset import Dataset  # noqa: E402
 from MicroCTSynthLib.labels import TISSUE_NAMES  # noqa: E402
-from MicroCTSynthLib.metrics import dice_per_class  # noqa: E402
+from MicroCTSynthLib.experiment import score_checkpoint  # noqa: E402
 from MicroCTSynthLib.package_data import resource, sha256  # noqa: E402
-from MicroCTSynthLib.synthesize import synthesize  # noqa: E402
-from MicroCTSynthLib.volume import read_volume, write_json  # noqa: E402
+from MicroCTSynthLib.volume import write_json  # noqa: E402
 
 CLASSES = tuple(TISSUE_NAMES.values())
 
 
 def score(checkpoint, dataset: Dataset, specimens, device="cpu") -> dict:
-    """Dice per class of the checkpoint's tissue map of each specimen (registered CT -> micro-CT grid)."""
-    overlap = float((load_checkpoint(checkpoint).get("preset") or {}).get("synthesis_overlap", 0.5))
-    out = {}
-    for s in specimens:
-        ct = read_volume(dataset.path(s, "ct_registered"))
-        result = synthesize(ct, checkpoint, reference=ct, overlap=overlap, device=device, progress="none")
-        dice = dice_per_class(read_volume(dataset.path(s, "tissue")).array, result.tissue.array)
-        out[s] = {c: round(float(dice[c]), 4) for c in CLASSES}
-    return out
+    return {s: {c: round(v, 4) for c, v in d.items()} for s, d in score_checkpoint(checkpoint, dataset, specimens, device).items()}
 
 
 def medians(per_specimen: dict) -> dict:
