@@ -40,6 +40,8 @@ from .volume import atomic_path, json_safe, read_volume, write_json, write_volum
 CLASSES = tuple(TISSUE_NAMES.values())
 METHODS = ("atlas", "naive", "single", "multi", "segmenter")
 MODELS = ("single", "multi", "segmenter")
+#: How a sentence names each model.
+MODEL_NOUNS = {"single": "single-task cGAN", "multi": "multitask cGAN", "segmenter": "segmenter"}
 METHOD_TITLES = {"atlas": "Atlas", "naive": "Naive (CT + Otsu)", "single": "Single-task cGAN", "multi": "Multitask cGAN",
                  "segmenter": "Segmenter (DynUNet)"}
 
@@ -83,7 +85,7 @@ def shipped_or_fail(groups, models) -> dict:
         for m in models:
             card = find_shipped(g, m)
             if card is None:
-                missing.append(f"group {g} {METHOD_TITLES[m].lower()}")
+                missing.append(f"group {g} {MODEL_NOUNS[m]}")
             else:
                 found[(g, m)] = verify_shipped(card)
     if missing:
@@ -420,10 +422,10 @@ def _run_experiment(dataset: Dataset, out_dir: Path, preset: str, groups, models
             for m in models:
                 if shipped is not None:
                     checkpoints[m] = shipped[(g, m)]
-                    bar.log(f"Group {g}: shipped {METHOD_TITLES[m].lower()} {checkpoints[m].parent.name}")
+                    bar.log(f"Group {g}: shipped {MODEL_NOUNS[m]} {checkpoints[m].parent.name}")
                 else:
                     run_dir = out_dir / "runs" / f"{g}_{m}"
-                    bar.log(f"Group {g}: {METHOD_TITLES[m].lower()} in {run_dir}")
+                    bar.log(f"Group {g}: {MODEL_NOUNS[m]} in {run_dir}")
                     checkpoints[m] = train_or_reuse(dataset.root, run_dir, g, m, preset, device, progress)
                 runs[f"{g}_{m}"] = run_summary(checkpoints[m])
                 bar.update(group=g, stage=f"{'load' if shipped is not None else 'train'} {m}")
@@ -479,6 +481,7 @@ def command_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     data = out / "phantom"
     train = bool(getattr(args, "train", False))
+    load_preset(args.preset)  # a bad preset: a sentence before anything else
     if not train:
         shipped_or_fail(["A"], MODELS)  # before minutes of phantom and registration
     start = time.monotonic()

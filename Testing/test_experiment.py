@@ -28,14 +28,14 @@ def experiment(tmp_path_factory):
     ds.save()
     prepare(data, progress="none")
     out = root / "exp"
-    summary = run_experiment(data, out, preset="tiny", groups=["T"], models=["single", "multi"], device="cpu", progress="none")
+    summary = run_experiment(data, out, preset="tiny", groups=["T"], models=["single", "multi", "segmenter"], device="cpu", progress="none")
     return data, out, summary
 
 
 def test_experiment_writes_results_figures_and_report(experiment):
     _, out, summary = experiment
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 1 * len(METHODS) * 3  # one specimen x four methods x three classes
+    assert len(rows) == 1 * len(METHODS) * 3  # one specimen x five methods x three classes
     assert {r["method"] for r in rows} == set(METHODS)
     for r in rows:
         assert 0.0 <= float(r["dice"]) <= 1.0
@@ -60,7 +60,7 @@ def test_interrupted_experiment_resumes_without_redoing_finished_work(experiment
     (case_dir / "metrics_multi.json").unlink()
     (out / "runs" / "T_multi" / RUN_COMPLETE).unlink()
     before = json.loads((out / "summary.json").read_text())["median_dice"]
-    again = run_experiment(data, out, preset="tiny", groups=["T"], models=["single", "multi"], device="cpu", progress="none")
+    again = run_experiment(data, out, preset="tiny", groups=["T"], models=["single", "multi", "segmenter"], device="cpu", progress="none")
     for path, stamp in kept.items():
         assert path.stat().st_mtime_ns == stamp, f"{path.name} was recomputed"
     assert (case_dir / "metrics_multi.json").exists()

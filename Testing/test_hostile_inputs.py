@@ -577,6 +577,9 @@ ROWS = [
     Row("experiment-bad-preset", "experiment", lambda W, S: exp(W, S, preset=W.presets["lr_string"]), "sets lr"),
     Row("experiment-data-escapes", "experiment", lambda W, S: exp(W, S, data=S / "ds"), "leads outside",
         setup=escape_transform),
+    Row("experiment-pretrained-not-shipped", "experiment", lambda W, S: exp(W, S, groups="B", pretrained=True),
+        "No shipped model for group B single-task cGAN"),
+    Row("models-bad-progress", "models", lambda W, S: ["--progress", "loud"], "invalid choice: 'loud'", process=True),
     Row("demo-bad-preset", "demo", lambda W, S: opts({"out": S / "demo", "preset": W.presets["lr_negative"],
                                                         "progress": "none"}), "sets lr to -0.001"),
 ]

@@ -228,7 +228,7 @@ def test_pretrained_experiment_without_the_model_says_so_in_one_sentence(tmp_pat
         run_experiment(data.root, tmp_path / "out", groups=["B"], models=["single", "multi"], pretrained=True,
                        progress="none")
     message = str(err.value)
-    assert "group b single-task cgan" in message.lower() and "--pretrained" in message and message.count(". ") == 0
+    assert "group B single-task cGAN, group B multitask cGAN" in message and "--pretrained" in message and message.count(". ") == 0
     assert not (tmp_path / "out").exists()
 
 
