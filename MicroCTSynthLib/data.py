@@ -49,20 +49,56 @@ def _to_unit(a, lo: float, hi: float) -> np.ndarray:
     return np.clip((np.asarray(a, dtype=np.float32) - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
 
 
+def ct_levels(array: np.ndarray) -> tuple[float, float]:
+    """The air and bone levels of a CT (its own calibration): the medians of the lowest and highest
+    of three multi-Otsu classes of its voxels (at most 2 million of them, evenly strided)."""
+    from skimage.filters import threshold_multiotsu
+
+    values = np.asarray(array, dtype=np.float32).ravel()
+    values = values[np.isfinite(values)][:: max(1, values.size // 2_000_000)]
+    if values.size < 27 or np.ptp(values) <= 0:
+        raise MicroCTSynthError("The CT has no contrast to find its air and bone levels from.")
+    low, high = threshold_multiotsu(values, classes=3)
+    air, bone = float(np.median(values[values < low])), float(np.median(values[values >= high]))
+    if not bone - air >= 300.0:
+        raise MicroCTSynthError(f"The CT shows no clear air and bone (levels {air:.0f} and {bone:.0f}): it cannot be "
+                                "calibrated; check that it holds the temporal bone and the air around or inside it.")
+    return air, bone
+
+
+def calibrate_ct(array: np.ndarray, levels) -> np.ndarray:
+    """``array`` mapped linearly so that its own air and bone levels (:func:`ct_levels`) land on
+    ``levels``: one scanner's calibration (a cone-beam CT's "HU" are off by a scale and an offset)
+    becomes the training scanners'."""
+    air, bone = ct_levels(array)
+    target_air, target_bone = (float(v) for v in levels)
+    scale = (target_bone - target_air) / (bone - air)
+    return ((np.asarray(array, dtype=np.float32) - air) * scale + target_air).astype(np.float32)
+
+
 @dataclass
 class Normalization:
     """Fixed linear maps of the CT window (HU) and the micro-CT range onto [-1, 1], clipped.
 
     Fitted once on the training cases (:meth:`fit`) and saved in the checkpoint as plain data, so
-    synthesis applies exactly the mapping the generator learnt.
+    synthesis applies exactly the mapping the generator learnt. ``ct_levels``: with the preset's
+    ``ct_calibration`` "air-bone", the air and bone levels (HU) every CT is calibrated to first
+    (:func:`calibrate_ct`: the training CTs' median levels); None: CTs are taken as they are.
     """
 
     ct_window: tuple[float, float]
     microct_range: tuple[float, float]
+    ct_levels: tuple[float, float] | None = None
 
     def __post_init__(self):
         self.ct_window = _check_range(self.ct_window, "CT window")
         self.microct_range = _check_range(self.microct_range, "micro-CT range")
+        if self.ct_levels is not None:
+            self.ct_levels = _check_range(self.ct_levels, "CT air and bone levels")
+
+    def calibrate(self, array: np.ndarray) -> np.ndarray:
+        """A whole CT calibrated to the training CTs' air and bone levels (as is without ``ct_levels``)."""
+        return array if self.ct_levels is None else calibrate_ct(array, self.ct_levels)
 
     def ct_to_net(self, a: np.ndarray) -> np.ndarray:
         return _to_unit(a, *self.ct_window)
@@ -75,12 +111,14 @@ class Normalization:
         return ((np.asarray(a, dtype=np.float32) + 1.0) / 2.0 * (hi - lo) + lo).astype(np.float32)
 
     def to_dict(self) -> dict:
-        return {"ct_window": list(self.ct_window), "microct_range": list(self.microct_range)}
+        levels = {} if self.ct_levels is None else {"ct_levels": list(self.ct_levels)}
+        return {"ct_window": list(self.ct_window), "microct_range": list(self.microct_range), **levels}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Normalization":
         try:
-            return cls(tuple(d["ct_window"]), tuple(d["microct_range"]))
+            levels = d.get("ct_levels")
+            return cls(tuple(d["ct_window"]), tuple(d["microct_range"]), tuple(levels) if levels is not None else None)
         except (KeyError, TypeError):
             raise MicroCTSynthError("The model file's intensity normalisation is missing or damaged.") from None
 
@@ -351,6 +389,12 @@ def build_datasets(data_dir, group: str, preset: dict, normalization: Normalizat
     if normalization is None:
         normalization = Normalization.fit([c.ct for c in train_cases], [c.microct for c in train_cases],
                                           [c.fov for c in train_cases], ct_window=preset.get("ct_window_hu"))
+        if preset.get("ct_calibration", "none") == "air-bone":
+            levels = np.array([ct_levels(c.ct) for c in train_cases])
+            normalization.ct_levels = tuple(float(v) for v in np.median(levels, axis=0))
+    if normalization.ct_levels is not None:
+        for c in train_cases + val_cases:
+            c.ct = normalization.calibrate(c.ct)
     patch = int(preset["patch_size"])
     train = PatchDataset(train_cases, normalization, patch, int(preset.get("train_patch_overlap", 0)))
     if len(train) == 0:

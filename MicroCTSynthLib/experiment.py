@@ -1,7 +1,9 @@
 """The thesis' leave-2-out experiment (chapter IV) and the demo.
 
 ``microctsynth experiment`` runs, for each group of ``cases.json``: train (or reuse) the
-single-task and multitask cGANs, pick the epoch of lowest validation loss (``best.pt``),
+single-task and multitask cGANs (and, asked for, the direct segmenter), pick the epoch of lowest
+validation loss (``best.pt``) -- or, with ``--pretrained``, take the shipped models of
+``Resources/models/`` --,
 synthesize the group's two test specimens on their micro-CT grids, run the atlas and naive
 baselines on them, and score every method against the micro-CT's tissue map (the thesis'
 reference): Dice per class (Eq. 7), HD95, and the perceptual error (Eq. 8) of the synthetic
@@ -15,7 +17,8 @@ micro-CTs. Everything lands in the experiment folder::
 An interrupted experiment continues where it stopped: finished runs and scored methods are
 reused, an unfinished run resumes from its last checkpoint.
 
-``microctsynth demo`` makes the quick phantom, prepares it and runs the experiment on group A.
+``microctsynth demo`` makes the quick phantom, prepares it and runs the experiment on group A
+with the shipped models (``--train``: trains all three itself with the quick preset).
 """
 
 from __future__ import annotations

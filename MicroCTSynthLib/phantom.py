@@ -65,11 +65,21 @@ CT_SCANNERS = {
     "CBCT": {"voxel_mm": (0.2, 0.4), "psf_fwhm_mm": (0.4, 0.7), "gain": (0.75, 1.25), "offset_hu": (-250.0, 150.0),
              "noise_hu": (30.0, 90.0), "noise_correlation_mm": (0.1, 0.35), "streak_hu": (30.0, 100.0)},
 }
-#: Scanners outside every range of :data:`CT_SCANNERS` (coarser, blurrier, noisier, calibrated
-#: further off, brighter or darker): ``phantom --scanners unseen`` renders the same specimens
-#: (same anatomy, pose and misalignment) as such a scanner would, to test that a model trained on
-#: the clinical ranges follows the anatomy rather than the scanner.
+#: Scanners just outside every range of :data:`CT_SCANNERS`: calibrated further off (brighter or
+#: darker), a little coarser, blurrier and noisier. ``phantom --scanners unseen`` renders the same
+#: specimens (same anatomy, pose and misalignment) as such a scanner would, to test that a model
+#: trained on the clinical ranges follows the anatomy rather than the scanner.
 UNSEEN_SCANNERS = {
+    "CBCT-bright": {"voxel_mm": (0.4, 0.44), "psf_fwhm_mm": (0.7, 0.75), "gain": (1.26, 1.32),
+                    "offset_hu": (150.0, 220.0), "noise_hu": (90.0, 105.0), "noise_correlation_mm": (0.35, 0.4),
+                    "streak_hu": (100.0, 115.0)},
+    "CBCT-dark": {"voxel_mm": (0.4, 0.44), "psf_fwhm_mm": (0.7, 0.75), "gain": (0.68, 0.74),
+                  "offset_hu": (-320.0, -250.0), "noise_hu": (90.0, 105.0), "noise_correlation_mm": (0.35, 0.4),
+                  "streak_hu": (100.0, 115.0)},
+}
+#: Scanners far outside (``--scanners far``): 0.42-0.5 mm voxels, 0.75-0.85 mm blur, 95-120 HU of
+#: coarse noise; thin soft tissue (membranes, the lamina's edges) is then below what the CT resolves.
+FAR_SCANNERS = {
     "CBCT-bright": {"voxel_mm": (0.42, 0.5), "psf_fwhm_mm": (0.75, 0.85), "gain": (1.28, 1.36),
                     "offset_hu": (160.0, 250.0), "noise_hu": (95.0, 120.0), "noise_correlation_mm": (0.36, 0.45),
                     "streak_hu": (105.0, 130.0)},
@@ -77,7 +87,7 @@ UNSEEN_SCANNERS = {
                   "offset_hu": (-330.0, -260.0), "noise_hu": (95.0, 120.0), "noise_correlation_mm": (0.36, 0.45),
                   "streak_hu": (105.0, 130.0)},
 }
-SCANNER_SETS = {"clinical": CT_SCANNERS, "unseen": UNSEEN_SCANNERS}
+SCANNER_SETS = {"clinical": CT_SCANNERS, "unseen": UNSEEN_SCANNERS, "far": FAR_SCANNERS}
 #: Bone denser than this (HU) hardens the beam.
 _DENSE_BONE_HU = 1500.0
 
@@ -333,13 +343,13 @@ def render_ct(anatomy: Anatomy, params: dict, cfg: dict, M, b, transform: sitk.T
 
 def _scanner_set(name: str) -> dict:
     if name not in SCANNER_SETS:
-        raise MicroCTSynthError(f"The scanners are {' or '.join(SCANNER_SETS)}, not '{name}'.")
+        raise MicroCTSynthError(f"The scanners are {', '.join(SCANNER_SETS)}, not '{name}'.")
     return SCANNER_SETS[name]
 
 
 def make_specimen(name: str, preset="quick", seed: int = 0, scanners: str = "clinical") -> Specimen:
     """One phantom specimen, deterministic per ``(name, seed)`` (and the preset's grids); its CT
-    from a scanner of the set ``scanners`` ("clinical" or "unseen", :data:`SCANNER_SETS`)."""
+    from a scanner of the set ``scanners`` ("clinical", "unseen" or "far", :data:`SCANNER_SETS`)."""
     if name not in SPECIMENS:
         raise MicroCTSynthError(f"Unknown specimen '{name}': the phantom has {', '.join(SPECIMENS)}.")
     cfg = load_preset(preset)

@@ -50,7 +50,7 @@ SCHEMA = {
     "augment_offset_hu": ("window", -5000.0, 5000.0), "augment_voxel_mm": ("window", 0.0, 10.0),
     "augment_blur_fwhm_mm": ("window", 0.0, 10.0), "augment_noise_hu": ("window", 0.0, 5000.0),
     "augment_noise_correlation_mm": ("window", 0.0, 10.0), "cpu_bf16": ("bool", None, None),
-    "segmenter_filters": ("int", 1, 1024),
+    "segmenter_filters": ("int", 1, 1024), "ct_calibration": (("none", "air-bone"), None, None),
 }
 
 

@@ -362,12 +362,14 @@ def _snapshot_item(train: PatchDataset, val: PatchDataset | None) -> dict:
 def train(data_dir, group: str = "A", model: str = "single", preset="quick", out=None, epochs_constant=None,
           epochs_decay=None, device="auto", amp: bool | None = None, resume=None, seed: int = 0, progress="bar",
           overwrite: bool = False, allow_mismatch: bool = False) -> Path:
-    """Train the single-task (Eq. 5) or multitask (Eq. 6) 3D cGAN on ``group`` of ``data_dir``.
+    """Train the single-task (Eq. 5) or multitask (Eq. 6) 3D cGAN on ``group`` of ``data_dir``, or
+    (``model="segmenter"``) the direct segmenter on the same patches with Dice + cross-entropy.
 
     ``preset``: "paper", "quick", "tiny", a JSON path or a dict; ``epochs_constant`` /
     ``epochs_decay`` replace its ``n_epochs`` / ``n_epochs_decay``; ``out``: the run folder
     (default DATA/runs/<group>_<model>); ``resume``: "last" (the run folder's last.pt) or a
-    checkpoint path; ``amp``: bf16 autocast (None: the preset's ``cpu_bf16`` on a CPU with native bf16, fp32 on a GPU); ``progress``: "bar", "json" or "none".
+    checkpoint path; ``amp``: bf16 autocast (None: the preset's ``cpu_bf16`` on a CPU that computes
+    bf16 natively, fp32 on a GPU); ``progress``: "bar", "json" or "none".
     A run folder that holds a run is refused unless ``resume`` or ``overwrite`` (which deletes
     its checkpoints first); a checkpoint of another group or other cases is refused on resume
     unless ``allow_mismatch``. The run folder is locked while the run lasts.

@@ -20,7 +20,7 @@ from MicroCTSynthLib.labels import TISSUE_NAMES
 from MicroCTSynthLib.losses import segmentation_loss
 from MicroCTSynthLib.metrics import dice_per_class
 from MicroCTSynthLib.package_data import CARD_KEYS, sha256, shipped_checkpoint, shipped_models, verify_shipped
-from MicroCTSynthLib.phantom import CT_SCANNERS, UNSEEN_SCANNERS, draw_parameters
+from MicroCTSynthLib.phantom import CT_SCANNERS, FAR_SCANNERS, UNSEEN_SCANNERS, draw_parameters
 from MicroCTSynthLib.presets import load_preset
 from MicroCTSynthLib.synthesize import synthesize
 from MicroCTSynthLib.networks import segmenter_levels
@@ -90,21 +90,22 @@ def test_randomised_resolution_and_noise_change_sharpness_and_grain():
     assert 80.0 < float(residual.std()) < 120.0
 
 
-def test_unseen_scanners_lie_outside_every_clinical_range_and_keep_the_anatomy():
-    for kind in UNSEEN_SCANNERS.values():
+@pytest.mark.parametrize("scanners", [UNSEEN_SCANNERS, FAR_SCANNERS], ids=["unseen", "far"])
+def test_unseen_scanners_lie_outside_every_clinical_range_and_keep_the_anatomy(scanners):
+    for kind in scanners.values():
         for key, (lo, hi) in kind.items():
             if key == "gain":
                 assert all(hi < c[key][0] or lo > c[key][1] for c in CT_SCANNERS.values()), key
             elif key != "offset_hu":
-                assert all(lo > c[key][1] for c in CT_SCANNERS.values()), key
-    offsets = sorted(k["offset_hu"] for k in UNSEEN_SCANNERS.values())
+                assert all(lo >= c[key][1] for c in CT_SCANNERS.values()), key
+    offsets = sorted(k["offset_hu"] for k in scanners.values())
     assert offsets[0][1] < min(c["offset_hu"][0] for c in CT_SCANNERS.values())
-    assert offsets[1][0] > max(c["offset_hu"][1] for c in CT_SCANNERS.values())
+    assert offsets[1][0] >= max(c["offset_hu"][1] for c in CT_SCANNERS.values())
     cfg = load_preset("quick")
     seen, unseen = draw_parameters("S3_2", 4, cfg), draw_parameters("S3_2", 4, cfg, scanners="unseen")
     assert seen["anatomy"] == unseen["anatomy"] and seen["pose_rotation_deg"] == unseen["pose_rotation_deg"]
     assert unseen["ct_scanner"]["kind"] in UNSEEN_SCANNERS and seen["ct_scanner"] != unseen["ct_scanner"]
-    with pytest.raises(MicroCTSynthError, match="clinical or unseen"):
+    with pytest.raises(MicroCTSynthError, match="clinical, unseen, far"):
         draw_parameters("S3_2", 4, cfg, scanners="other")
 
 
