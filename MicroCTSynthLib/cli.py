@@ -107,7 +107,7 @@ def _guard(args: argparse.Namespace):
     from .progress import log
     from .safety import FolderLock
 
-    refuse_existing_dataset(args.out, getattr(args, "overwrite", False))
+    refuse_existing_dataset(args.out, args.overwrite)
     return FolderLock(args.out, "dataset folder", log=lambda m: log(m, "json" if args.progress == "json" else "bar"))
 
 

@@ -459,7 +459,7 @@ def _split(text: str) -> list[str]:
 
 def command_experiment(args: argparse.Namespace) -> int:
     summary = run_experiment(args.data, args.out, args.preset, _split(args.groups), _split(args.models), args.device,
-                             args.progress, pretrained=bool(getattr(args, "pretrained", False)))
+                             args.progress, pretrained=args.pretrained)
     table = summary_table(summary)
     if args.progress == "json":
         emit_json("result", outputs={"report": str(Path(args.out) / "report.html"), "results": str(Path(args.out) / "results.csv")},
@@ -478,13 +478,13 @@ def command_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     data = out / "phantom"
-    train = bool(getattr(args, "train", False))
+    train = args.train
     if not train:
         shipped_or_fail(["A"], MODELS)  # before minutes of phantom and registration
     start = time.monotonic()
     if not (data / "cases.json").exists():
         log(f"Making the inner-ear phantom ({args.preset}, seed {args.seed}) in {data}", args.progress)
-        make_phantom(data, preset=args.preset, seed=int(getattr(args, "seed", 0)), progress=args.progress, workers=None)
+        make_phantom(data, preset=args.preset, seed=args.seed, progress=args.progress, workers=None)
     log("Registering and labelling every specimen (prepare)", args.progress)
     reports = prepare(data, progress=args.progress)
     log(format_report(reports), args.progress)
@@ -505,7 +505,7 @@ def command_models(args) -> int:
     from .package_data import shipped_checkpoint, shipped_models
 
     models = shipped_models()
-    if getattr(args, "progress", "bar") == "json":
+    if args.progress == "json":
         emit_json("result", models={name: {k: v for k, v in card.items() if k != "folder"} for name, card in models.items()})
         return 0
     if not models:

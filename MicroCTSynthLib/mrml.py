@@ -610,7 +610,7 @@ class MicroCTSynthSceneLogic:
         return write_volume(volume_from_node(node, world=world), path)
 
     def _checkIdle(self) -> None:
-        if self.job is not None and self.job.state in (JobState.RUNNING, JobState.IMPORTING, JobState.CANCELLING):
+        if self.job is not None and self.job.running:
             raise MicroCTSynthError("Another job is still running; wait for it or cancel it first.")
 
     def _startJob(self, command: str, args: list[str], onResult: Callable[[Job], object], wait: bool,
@@ -910,7 +910,7 @@ class MicroCTSynthSceneLogic:
             args += ["--target-transform", str(write_transform_from_node(transform, folder / "ct_transform.tfm"))]
 
         def on_result(job: Job):
-            labels = read_volume(job.outputs.get("tissue", job.outputs.get("out", out)))
+            labels = read_volume(job.outputs.get("tissue", out), "The atlas tissue map")
             return segmentation_from_labels(labels, name, self.scene)
 
         return self._startJob("atlas", args, on_result, wait, onFinish=lambda job: shutil.rmtree(folder, ignore_errors=True))

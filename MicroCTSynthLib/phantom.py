@@ -541,8 +541,8 @@ def make_phantom(out_dir, preset="quick", seed: int = 0, specimens=None, progres
 
 
 def command_phantom(args: argparse.Namespace) -> int:
-    progress = getattr(args, "progress", "bar")
+    progress = args.progress
     ds = make_phantom(args.out, preset=args.preset, seed=args.seed, specimens=args.specimens, progress=progress,
-                      workers=None, scanners=getattr(args, "scanners", "clinical"))
+                      workers=None, scanners=args.scanners)
     log(f"Wrote {ds.root / 'cases.json'} with {len(ds.cases)} specimen(s) and groups {', '.join(ds.groups)}", progress if progress != "none" else "bar")
     return 0

@@ -678,11 +678,11 @@ def _transform_summary(transform: sitk.Transform, centre) -> str:
 
 def command_register(args: argparse.Namespace) -> int:
     """``microctsynth register``: estimate the transform, write it and the resampled CT."""
-    mode = getattr(args, "progress", "bar")
+    mode = args.progress
     fixed = read_volume(args.fixed, what=f"The micro-CT '{args.fixed}'")
     moving = read_volume(args.moving, what=f"The CT '{args.moving}'")
-    initial = read_transform(args.init) if getattr(args, "init", None) else None
-    lf, lm = getattr(args, "landmarks_fixed", None), getattr(args, "landmarks_moving", None)
+    initial = read_transform(args.init) if args.init else None
+    lf, lm = args.landmarks_fixed, args.landmarks_moving
     if (lf is None) != (lm is None):
         raise MicroCTSynthError("Landmarks come in pairs: give both --landmarks-fixed and --landmarks-moving.")
     landmarks_fixed = read_landmarks(lf) if lf else None
@@ -692,9 +692,9 @@ def command_register(args: argparse.Namespace) -> int:
         raise MicroCTSynthError(f"Cannot write the transform '{out_transform}': use the ending .tfm.")
     start = time.monotonic()
     transform = register(fixed, moving, initial, landmarks_fixed, landmarks_moving,
-                         affine=bool(getattr(args, "affine", False)), progress=mode)
+                         affine=args.affine, progress=mode)
     seconds = time.monotonic() - start
-    downsample = int(getattr(args, "downsample", 1) or 1)
+    downsample = int(args.downsample)
     resampled = resample(moving, fixed, transform, interpolator="linear", downsample=downsample)
     write_transform(transform, out_transform)
     write_volume(resampled, out_resampled)

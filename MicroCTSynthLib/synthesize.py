@@ -763,8 +763,8 @@ def command_synthesize(args) -> int:
     reference = read_volume(args.reference_grid, f"The reference grid '{args.reference_grid}'") if args.reference_grid else None
     result = synthesize(ct, args.model, roi=roi, reference=reference, overlap=args.overlap, blend=args.blend,
                         samples=args.samples, device=args.device, progress=args.progress,
-                        precision=getattr(args, "precision", "auto"), backend=getattr(args, "backend", "auto"),
-                        sw_batch_size=getattr(args, "sw_batch_size", "auto"), entropy=bool(getattr(args, "entropy", None)))
+                        precision=args.precision, backend=args.backend, sw_batch_size=args.sw_batch_size,
+                        entropy=bool(args.entropy))
     outputs = {"tissue": str(write_volume(result.tissue, args.out_tissue))}
     if result.microct is not None and args.out_microct:
         outputs["microct"] = str(write_volume(result.microct, args.out_microct))
@@ -773,7 +773,7 @@ def command_synthesize(args) -> int:
             "is not written.", args.progress)
     if args.uncertainty:
         outputs["uncertainty"] = str(write_volume(result.std, args.uncertainty))
-    if getattr(args, "entropy", None):
+    if args.entropy:
         outputs["entropy"] = str(write_volume(result.entropy, args.entropy))
     if args.progress == "json":
         emit_json("result", outputs=outputs)

@@ -741,7 +741,7 @@ def command_train(args) -> int:
     best = train(args.data, group=args.group, model=args.model, preset=args.preset, out=args.out,
                  epochs_constant=args.epochs_constant, epochs_decay=args.epochs_decay, device=args.device,
                  amp=args.amp, resume=args.resume, seed=args.seed, progress=args.progress,
-                 overwrite=getattr(args, "overwrite", False), allow_mismatch=getattr(args, "allow_mismatch", False))
+                 overwrite=args.overwrite, allow_mismatch=args.allow_mismatch)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return 0
     outputs = {"best": str(best), "last": str(Path(best).parent / "last.pt")}

@@ -183,6 +183,34 @@ def test_cmake_lists_name_existing_files():
     assert sorted(p.name for p in (ENGINE / "Resources" / "presets").glob("*.json")) == ["paper.json", "pretrained.json", "quick.json", "tiny.json"]
 
 
+def _always_true(test: ast.expr) -> bool:
+    """A generator, a tuple, a comprehension, a lambda or a true literal: true whatever the code does."""
+    if isinstance(test, ast.BoolOp):
+        return any(_always_true(v) for v in test.values) if isinstance(test.op, ast.And) else False
+    if isinstance(test, ast.Constant):
+        return bool(test.value)
+    return isinstance(test, (ast.GeneratorExp, ast.Tuple, ast.ListComp, ast.SetComp, ast.DictComp, ast.Lambda, ast.JoinedStr))
+
+
+def test_every_assert_can_fail():
+    """``assert (x > 0 for x in xs)`` passes whatever ``xs`` holds (a generator object is true): every
+    assert of the tests and the self-test (and ``assertTrue``) tests a value, e.g. ``all(...)``."""
+    vacuous = []
+    for path in sorted([*(ROOT / "Testing").glob("*.py"), *MODULE_DIR.rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assert):
+                test = node.test
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "assertTrue" and node.args:
+                test = node.args[0]
+            else:
+                continue
+            if _always_true(test):
+                vacuous.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert vacuous == [], f"asserts that cannot fail: {vacuous}"
+    assert _always_true(ast.parse("assert (x for x in [0])").body[0].test)
+    assert not _always_true(ast.parse("assert all(x for x in [0])").body[0].test)
+
+
 @pytest.mark.parametrize("icon", [MODULE_DIR / "Resources" / "Icons" / "MicroCTSynth.png", ROOT / "Resources" / "Icons" / "MicroCTSynth.png"])
 def test_icons_are_128_pixel_pngs(icon):
     head = icon.read_bytes()[:24]
