@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import (check_network_arguments, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .data import Normalization, PatchDataset, build_datasets, patch_sampler
 from .augment import randomize_ct
-from .inference import configure_cuda, cpu_has_native_bf16
+from .inference import configure_cuda, cpu_has_native_bf16, resolve_device
 from .errors import MicroCTSynthError
 from .losses import GANLoss, discriminator_loss, generator_loss, loss_options, segmentation_loss, validation_loss
 from .networks import Discriminator, Generator, Segmenter, segmenter_levels
@@ -49,8 +49,8 @@ from .progress import Progress, emit_json, log
 from .safety import FolderLock
 from .volume import atomic_path, write_json
 
-__all__ = ["train", "command_train", "training_step", "lr_lambda", "make_scheduler", "resolve_device",
-           "loss_weights", "build_networks", "fingerprint", "RunFiles"]
+__all__ = ["train", "command_train", "training_step", "lr_lambda", "make_scheduler", "loss_weights", "build_networks",
+           "fingerprint", "RunFiles"]
 
 MODELS = ("single", "multi", "segmenter")
 VALIDATION_TERMS = ("val_loss", "val_L1", "val_perceptual", "val_dice", "val_ce")
@@ -99,24 +99,6 @@ def build_networks(preset: dict, model: str) -> tuple:
                           input_skip=bool(preset.get("input_skip", False)))
     discriminator = Discriminator(in_channels=2, ndf=int(preset["ndf"]), n_layers=int(preset["n_layers_D"]))
     return generator, discriminator
-
-
-def resolve_device(device="auto", local_rank: int = 0) -> torch.device:
-    """``auto``: CUDA when present (the process' own GPU under torchrun), else CPU."""
-    name = str(device or "auto").lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MicroCTSynthError(f"The device '{device}' was asked for, but this computer has no usable CUDA GPU; use --device cpu.")
-        if name == "cuda":
-            name = f"cuda:{local_rank % torch.cuda.device_count()}"
-    elif name != "cpu":
-        raise MicroCTSynthError(f"The device must be auto, cpu, cuda or cuda:N, not '{device}'.")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise MicroCTSynthError(f"The device must be auto, cpu, cuda or cuda:N, not '{device}'.") from None
 
 
 # -- distributed -----------------------------------------------------------------------------------
