@@ -42,7 +42,7 @@ from vtk.util import numpy_support
 from .errors import MicroCTSynthError
 from .labels import PRIORITY, TISSUE_COLORS, TISSUE_NAMES
 from .process import Job, JobState, engine_command
-from .volume import Volume, atomic_path, check_geometry, read_volume, write_volume
+from .volume import Volume, check_geometry, read_volume, write_volume
 
 #: Marks the transform nodes :meth:`MicroCTSynthSceneLogic.register` made (and may refine).
 REGISTRATION_ATTRIBUTE = "MicroCTSynth.Registration"
@@ -354,24 +354,19 @@ def sitk_transform_from_node(node) -> sitk.AffineTransform:
 
 
 def transform_node_from_file(path, name: str | None = None, scene=None):
-    """Read an engine ``.tfm`` (or any linear ITK transform file) into a linear transform node."""
-    path = Path(path)
-    if not path.is_file():
-        raise MicroCTSynthError(f"The transform file '{path}' does not exist.")
-    try:
-        transform = sitk.ReadTransform(str(path))
-    except RuntimeError:
-        raise MicroCTSynthError(f"The file '{path}' is not a transform SimpleITK can read.") from None
-    return transform_node_from_sitk(transform, name or path.name.split(".")[0], scene)
+    """Read an engine ``.tfm`` (or any linear ITK transform file, checked as the engine checks
+    it: :func:`~MicroCTSynthLib.registration.read_transform`) into a linear transform node."""
+    from .registration import read_transform
+
+    transform = read_transform(path)
+    return transform_node_from_sitk(transform, name or Path(path).name.split(".")[0], scene)
 
 
 def write_transform_from_node(node, path) -> Path:
-    """Write a linear transform node as an engine ``.tfm`` (atomically)."""
-    transform = sitk_transform_from_node(node)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        sitk.WriteTransform(transform, str(tmp))
-    return path
+    """Write a linear transform node as an engine ``.tfm`` (atomically, as the engine writes its own)."""
+    from .registration import write_transform
+
+    return write_transform(sitk_transform_from_node(node), path)
 
 
 def points_lps_from_markups(node) -> np.ndarray:
@@ -687,11 +682,10 @@ class MicroCTSynthSceneLogic:
         name = f"{ctNode.GetName()} to {microCTNode.GetName()}"
 
         def on_result(job: Job):
+            from .registration import read_transform
+
             # Read both outputs before touching the scene, so that a bad file adds no node.
-            try:
-                transform = sitk.ReadTransform(str(job.outputs.get("transform", out_transform)))
-            except RuntimeError:
-                raise MicroCTSynthError("The registration wrote no transform SimpleITK can read.") from None
+            transform = read_transform(job.outputs.get("transform", out_transform))
             resampled = read_volume(job.outputs.get("resampled", out_resampled), "The registered CT")
             transformNode = transform_node_from_sitk(transform, name, self.scene, node=reused)
             transformNode.SetAttribute(REGISTRATION_ATTRIBUTE, "1")
@@ -724,7 +718,7 @@ class MicroCTSynthSceneLogic:
         ``split`` (train / val / test). Returns the case folder.
         """
         from .dataset import CASES_FILE, Dataset
-        from .registration import resample
+        from .registration import resample, write_transform
         from .tissue import tissue_map
 
         if not caseName or any(c in caseName for c in "/\\:"):
@@ -752,8 +746,7 @@ class MicroCTSynthSceneLogic:
         transform = sitk_transform_from_node(transformNode)
         write_volume(ct, dataset.path(caseName, "ct", must_exist=False))
         write_volume(microct, dataset.path(caseName, "microct", must_exist=False))
-        with atomic_path(dataset.path(caseName, "transform", must_exist=False)) as tmp:
-            sitk.WriteTransform(transform, str(tmp))
+        write_transform(transform, dataset.path(caseName, "transform", must_exist=False))
         write_volume(resample(ct, microct, transform, interpolator="linear"),
                      dataset.path(caseName, "ct_registered", must_exist=False))
         if tissueSegmentation is not None:
