@@ -25,7 +25,6 @@ only when they succeed, so a failed or cancelled job leaves the scene as it was.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -717,30 +716,20 @@ class MicroCTSynthSceneLogic:
         or made from the micro-CT), and lists the case in ``cases.json`` under ``group``'s
         ``split`` (train / val / test). Returns the case folder.
         """
-        from .dataset import CASES_FILE, Dataset
+        from .dataset import Dataset
         from .registration import resample, write_transform
         from .tissue import tissue_map
 
         if not caseName or any(c in caseName for c in "/\\:"):
             raise MicroCTSynthError("Give the case a name without slashes or colons.")
-        if split not in ("train", "val", "test"):
-            raise MicroCTSynthError(f"A case goes to train, val or test, not '{split}'.")
         _scalar_volume(ctNode, "CT")
         _scalar_volume(microCTNode, "micro-CT")
         transformNode = transformNode or ctNode.GetParentTransformNode()
         if transformNode is None:
             raise MicroCTSynthError("Register the CT to the micro-CT first (the case needs its transform).")
-        root = Path(datasetDir)
-        if (root / CASES_FILE).is_file():
-            # Not Dataset.load: a group being built may lack its training case for a while.
-            try:
-                dataset = Dataset(root, json.loads((root / CASES_FILE).read_text()))
-            except json.JSONDecodeError as exc:
-                raise MicroCTSynthError(f"'{root / CASES_FILE}' is not valid JSON: {exc}.") from None
-            dataset.data.setdefault("cases", {})
-        else:
-            dataset = Dataset.create(root, groups={})
+        dataset = Dataset.open(datasetDir)
         dataset.add_case(caseName)
+        dataset.assign(caseName, group, split)
         ct = volume_from_node(ctNode, world=False)
         microct = volume_from_node(microCTNode)
         transform = sitk_transform_from_node(transformNode)
@@ -754,13 +743,6 @@ class MicroCTSynthSceneLogic:
         else:
             labels = tissue_map(microct)
         write_volume(labels, dataset.path(caseName, "tissue", must_exist=False))
-        groups = dataset.data.setdefault("groups", {})
-        entry = groups.setdefault(group, {"train": [], "val": [], "test": []})
-        for key in ("train", "val", "test"):
-            entry.setdefault(key, [])
-            if caseName in entry[key]:
-                entry[key].remove(caseName)
-        entry[split].append(caseName)
         dataset.save()
         return dataset.path(caseName, "ct").parent
 

@@ -236,6 +236,26 @@ def test_build_datasets_from_a_prepared_folder(synthetic_dataset):
     assert case.spacing == pytest.approx(tuple(2 * s for s in SPACING))
 
 
+def test_a_group_is_built_case_by_case(tmp_path):
+    """Dataset.open lets a group lack its training case while it is being built; assign moves a case
+    between the parts of a group; a finished group loads as any other."""
+    ds = Dataset.open(tmp_path)
+    assert ds.groups == {}
+    ds.add_case("V")
+    ds.assign("V", "Mine", "val")
+    ds.save()
+    ds = Dataset.open(tmp_path)
+    with pytest.raises(MicroCTSynthError, match="no training case"):
+        Dataset.load(tmp_path)
+    ds.add_case("T")
+    ds.assign("T", "Mine", "test")
+    ds.assign("T", "Mine", "train")
+    ds.save()
+    assert Dataset.load(tmp_path).group("Mine") == {"train": ["T"], "val": ["V"], "test": []}
+    with pytest.raises(MicroCTSynthError, match="train, val or test"):
+        ds.assign("T", "Mine", "holdout")
+
+
 def test_build_datasets_explains_unprepared_cases(tmp_path):
     ds = Dataset.create(tmp_path, cases=["C0", "C1"], groups={"A": {"train": ["C0"], "val": ["C1"], "test": []}})
     ds.save()
