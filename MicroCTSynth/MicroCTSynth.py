@@ -53,8 +53,11 @@ def _engineOnPath() -> None:
 
 _engineOnPath()
 
+from MicroCTSynthLib.choices import MODEL_KINDS  # noqa: E402
+from MicroCTSynthLib.dataset import SPLITS  # noqa: E402
 from MicroCTSynthLib.errors import MicroCTSynthError  # noqa: E402
 from MicroCTSynthLib.mrml import MicroCTSynthSceneLogic, default_roi_node, job_summary  # noqa: E402
+from MicroCTSynthLib.presets import PRESET_NAMES  # noqa: E402
 from MicroCTSynthLib.process import JobState  # noqa: E402
 
 #: Python packages the engine needs: distribution name (what pip installs) -> import name
@@ -166,10 +169,10 @@ class MicroCTSynthParameterNode:
     # 4. Training
     datasetDir: pathlib.Path
     caseName: str = "case1"
-    caseSplit: Annotated[str, Choice(["train", "val", "test"])] = "train"
+    caseSplit: Annotated[str, Choice(list(SPLITS))] = "train"
     group: str = "A"
-    model: Annotated[str, Choice(["single", "multi", "segmenter"])] = "single"
-    preset: Annotated[str, Choice(["quick", "paper", "pretrained", "tiny"])] = "quick"
+    model: Annotated[str, Choice(list(MODEL_KINDS))] = "single"
+    preset: Annotated[str, Choice(list(PRESET_NAMES))] = "quick"
     runDir: pathlib.Path
     # 5. Synthesis
     modelPath: pathlib.Path

@@ -25,7 +25,9 @@ import sys
 from contextlib import nullcontext
 
 from . import __version__
+from .choices import BACKENDS, BLEND_MODES, MODEL_KINDS, PRECISIONS
 from .errors import MicroCTSynthError
+from .presets import PRESET_NAMES
 from .progress import MODES, emit_json
 
 #: command -> (engine module, one-line help)
@@ -181,9 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train")
     p.add_argument("--data", required=True, help="prepared dataset folder")
     p.add_argument("--group", default="A", help="leave-2-out group of cases.json (A, B, C or your own)")
-    p.add_argument("--model", choices=("single", "multi", "segmenter"), default="single",
+    p.add_argument("--model", choices=MODEL_KINDS, default="single",
                    help="single-task or multitask cGAN, or the direct segmenter (MONAI DynUNet)")
-    p.add_argument("--preset", default="quick", help="paper, quick, tiny or a preset JSON file")
+    p.add_argument("--preset", default="quick", help=f"{', '.join(PRESET_NAMES)} or a preset JSON file")
     p.add_argument("--out", required=True, help="run folder (checkpoints, TensorBoard events, pictures)")
     p.add_argument("--epochs-constant", type=int, default=None, help="epochs at the initial learning rate (preset: n_epochs)")
     p.add_argument("--epochs-decay", type=int, default=None, help="epochs of linear decay to 0 (preset: n_epochs_decay)")
@@ -210,13 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="region of interest: centre 'x,y,z' (LPS mm) and size 'sx,sy,sz' or one number (mm)")
     where.add_argument("--reference-grid", help="synthesize on this volume's grid (e.g. the registered micro-CT)")
     p.add_argument("--overlap", type=float, default=0.5, help="patch overlap fraction in [0, 1); 0 = the thesis' tiling")
-    p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian", help="how overlapping patches are blended")
+    p.add_argument("--blend", choices=BLEND_MODES, default="gaussian", help="how overlapping patches are blended")
     p.add_argument("--uncertainty", help="write the voxel-wise standard deviation of N stochastic passes here")
     p.add_argument("--entropy", help="write the tissue map's entropy of N stochastic passes here")
     p.add_argument("--samples", type=int, default=1, help="stochastic passes with dropout on (uncertainty)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 where the CPU or GPU computes it natively, else fp32")
-    p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: OpenVINO on the CPU when installed (pip install openvino), else PyTorch")
     p.add_argument("--sw-batch-size", default="auto", metavar="N", help="windows per network call (auto: by window size)")
     _device(p)
@@ -237,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="experiment folder (runs, results.csv, report)")
     p.add_argument("--preset", default="quick")
     p.add_argument("--groups", default="A,B,C")
-    p.add_argument("--models", default="single,multi", help="comma-separated: single, multi, segmenter")
+    p.add_argument("--models", default="single,multi", help=f"comma-separated: {', '.join(MODEL_KINDS)}")
     p.add_argument("--pretrained", action="store_true",
                    help="score the shipped models (microctsynth models) instead of training; all asked for must be shipped")
     _device(p)

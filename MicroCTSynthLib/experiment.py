@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .choices import MODEL_KINDS, check_model_kind
 from .dataset import Dataset
 from .labels import TISSUE_NAMES
 from .metrics import evaluate
@@ -38,8 +39,7 @@ from .progress import Progress, emit_json, log
 from .volume import atomic_path, json_safe, read_volume, write_json, write_volume
 
 CLASSES = tuple(TISSUE_NAMES.values())
-METHODS = ("atlas", "naive", "single", "multi", "segmenter")
-MODELS = ("single", "multi", "segmenter")
+METHODS = ("atlas", "naive", *MODEL_KINDS)
 METHOD_TITLES = {"atlas": "Atlas", "naive": "Naive (CT + Otsu)", "single": "Single-task cGAN", "multi": "Multitask cGAN",
                  "segmenter": "Segmenter (DynUNet)"}
 
@@ -401,10 +401,7 @@ def run_experiment(data_dir, out_dir, preset: str = "quick", groups=("A", "B", "
     for g in groups:
         dataset.group(g)  # fail early, with a sentence, on an unknown group or case
     for m in models:
-        if m not in MODELS:
-            from .errors import MicroCTSynthError
-
-            raise MicroCTSynthError(f"Unknown model '{m}': use {', '.join(MODELS)}.")
+        check_model_kind(m)
     shipped = shipped_or_fail(groups, models) if pretrained else None
     with FolderLock(out_dir, "experiment folder", log=lambda msg: log(msg, "json" if progress == "json" else "bar")):
         return _run_experiment(dataset, out_dir, preset, groups, models, device, progress, shipped)
@@ -480,7 +477,7 @@ def command_demo(args: argparse.Namespace) -> int:
     data = out / "phantom"
     train = args.train
     if not train:
-        shipped_or_fail(["A"], MODELS)  # before minutes of phantom and registration
+        shipped_or_fail(["A"], MODEL_KINDS)  # before minutes of phantom and registration
     start = time.monotonic()
     if not (data / "cases.json").exists():
         log(f"Making the inner-ear phantom ({args.preset}, seed {args.seed}) in {data}", args.progress)
@@ -489,7 +486,7 @@ def command_demo(args: argparse.Namespace) -> int:
     reports = prepare(data, progress=args.progress)
     log(format_report(reports), args.progress)
     folder = "experiment_trained" if train else "experiment"
-    summary = run_experiment(data, out / folder, args.preset, ["A"], list(MODELS), args.device, args.progress,
+    summary = run_experiment(data, out / folder, args.preset, ["A"], list(MODEL_KINDS), args.device, args.progress,
                              pretrained=not train)
     minutes = (time.monotonic() - start) / 60
     if args.progress == "json":

@@ -30,10 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .choices import BACKENDS, PRECISIONS
 from .errors import MicroCTSynthError
 
-PRECISIONS = ("auto", "fp32", "bf16")
-BACKENDS = ("auto", "torch", "openvino")
 
 #: Voxels per forward call when ``sw_batch_size="auto"``: on a CPU 9 windows of 24³ (the quick
 #: preset) or 32 of 16³, one of 96³; on a GPU four 96³ windows (about 2 GB of activations in bf16).

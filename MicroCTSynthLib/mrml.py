@@ -38,6 +38,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from .choices import check_model_kind
 from .errors import MicroCTSynthError
 from .labels import PRIORITY, TISSUE_COLORS, TISSUE_NAMES
 from .process import Job, JobState, engine_command
@@ -750,7 +751,8 @@ class MicroCTSynthSceneLogic:
     def train(self, datasetDir, group: str = "A", model: str = "single", preset: str = "quick", outDir=None,
               resume: bool = False, epochsConstant: int | None = None, epochsDecay: int | None = None,
               device: str | None = None, wait: bool = False, chart: bool = True, overwrite: bool = False):
-        """Train the single-task (Eq. 5) or multitask (Eq. 6) 3D cGAN on ``group`` in the background.
+        """Train the single-task (Eq. 5) or multitask (Eq. 6) 3D cGAN, or the direct segmenter, on
+        ``group`` in the background.
 
         A run folder that holds a run is continued with ``resume`` or replaced with ``overwrite``
         (its checkpoints deleted); with neither the job refuses it.
@@ -759,8 +761,7 @@ class MicroCTSynthSceneLogic:
         ``best.pt`` (the epoch with the lowest validation loss).
         """
         self._checkIdle()
-        if model not in ("single", "multi"):
-            raise MicroCTSynthError(f"The model is 'single' or 'multi', not '{model}'.")
+        check_model_kind(model)
         outDir = Path(outDir) if outDir else Path(datasetDir) / "runs" / f"{group}_{model}"
         args = ["--data", str(datasetDir), "--group", group, "--model", model, "--preset", str(preset),
                 "--out", str(outDir), "--device", device or self.device]

@@ -18,7 +18,8 @@ from pathlib import Path
 from .errors import MicroCTSynthError
 from .package_data import preset_file
 
-PRESET_NAMES = ("paper", "quick", "tiny", "pretrained")
+#: The presets shipped in the package (the panel lists them in this order).
+PRESET_NAMES = ("paper", "quick", "pretrained", "tiny")
 
 
 INF = math.inf

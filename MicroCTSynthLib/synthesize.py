@@ -44,6 +44,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from .choices import BLEND_MODES
 from .errors import MicroCTSynthError
 from .inference import WindowPredictor, resolve_batch_size, resolve_device
 from .labels import AIR, OUTSIDE
@@ -56,8 +57,6 @@ DEFAULT_CHUNK_VOXELS = 2**24
 
 #: The largest output grid synthesize accepts (a whole head at 37.6 µm would be ~10^11 voxels).
 MAX_OUTPUT_VOXELS = 512**3
-
-BLEND_MODES = ("gaussian", "constant")
 
 
 @dataclass

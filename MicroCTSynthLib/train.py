@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .choices import MODEL_TITLES, check_model_kind
 from .checkpoint import (check_network_arguments, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .data import Normalization, PatchDataset, build_datasets, patch_sampler
 from .augment import randomize_ct
@@ -52,7 +53,8 @@ from .volume import atomic_path, write_json
 __all__ = ["train", "command_train", "training_step", "lr_lambda", "make_scheduler", "loss_weights", "build_networks",
            "fingerprint", "RunFiles"]
 
-MODELS = ("single", "multi", "segmenter")
+#: What each model's validation loss adds up (Table 2; the segmenter's is its training loss).
+VALIDATION_LOSS = {"single": "weighted L1 + perceptual", "multi": "weighted L1 + Dice", "segmenter": "Dice + cross-entropy"}
 VALIDATION_TERMS = ("val_loss", "val_L1", "val_perceptual", "val_dice", "val_ce")
 
 
@@ -90,9 +92,7 @@ def loss_weights(preset: dict, model: str) -> dict:
 def build_networks(preset: dict, model: str) -> tuple:
     """G and D as the preset describes them (pix2pix initialisation, drawn from torch's generator);
     for ``segmenter`` the DynUNet and no discriminator."""
-    if model not in MODELS:
-        raise MicroCTSynthError(f"The model is 'single', 'multi' or 'segmenter', not '{model}'.")
-    if model == "segmenter":
+    if check_model_kind(model) == "segmenter":
         return Segmenter(filters=int(preset["segmenter_filters"]), levels=segmenter_levels(preset["patch_size"])), None
     generator = Generator(in_channels=1, ngf=int(preset["ngf"]), n_blocks=int(preset["n_blocks"]),
                           multitask=model == "multi", dropout=float(preset["dropout"]),
@@ -218,10 +218,9 @@ def _save_curve(path: Path, history: list[dict], model: str) -> None:
         best = min(points, key=lambda p: p[1])
         ax.plot([best[0]], [best[1]], "r*", markersize=12, label=f"best: epoch {best[0]}")
         ax.legend()
-    terms = "weighted L1 + perceptual" if model == "single" else "weighted L1 + Dice"
     ax.set_xlabel("epoch")
-    ax.set_ylabel(f"validation loss ({terms})")
-    ax.set_title(f"{'Single-task' if model == 'single' else 'Multitask'} cGAN: validation loss")
+    ax.set_ylabel(f"validation loss ({VALIDATION_LOSS[model]})")
+    ax.set_title(f"{MODEL_TITLES[model][0].upper()}{MODEL_TITLES[model][1:]}: validation loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -355,8 +354,7 @@ def train(data_dir, group: str = "A", model: str = "single", preset="quick", out
     unless ``allow_mismatch``. The run folder is locked while the run lasts.
     Returns the path of ``best.pt``.
     """
-    if model not in MODELS:
-        raise MicroCTSynthError(f"The model is 'single' or 'multi', not '{model}'.")
+    check_model_kind(model)
     dist = _Distributed()
     dev = resolve_device(device, dist.local_rank)
     dist.start(dev)
@@ -400,8 +398,9 @@ def _claim_run_folder(files: "RunFiles", resume, overwrite: bool, mode: str) -> 
 def _check_resumed(checkpoint: dict, path, model: str, group: str, cases: dict, allow: bool) -> None:
     """Refuse to resume a checkpoint of another model, group or set of cases (unless ``allow``)."""
     if checkpoint.get("model") != model:
-        raise MicroCTSynthError(f"The checkpoint '{path}' is a {checkpoint.get('model')}-task model; "
-                                f"resume it with --model {checkpoint.get('model')}.")
+        saved = checkpoint.get("model")
+        raise MicroCTSynthError(f"The checkpoint '{path}' holds a {MODEL_TITLES.get(saved, saved)}; "
+                                f"resume it with --model {saved}.")
     if allow:
         return
     saved_group, saved_cases = checkpoint.get("group"), checkpoint.get("cases")
@@ -444,7 +443,7 @@ def _resolve_preset(name, model: str, epochs_constant, epochs_decay, dev) -> dic
     n_epochs, n_decay = int(preset["n_epochs"]), int(preset["n_epochs_decay"])
     if n_epochs < 0 or n_decay < 0 or n_epochs + n_decay < 1:
         raise MicroCTSynthError(f"Training needs at least one epoch (got {n_epochs} constant + {n_decay} decay).")
-    check_memory(training_bytes(preset, model), f"Training the {model}-task cGAN on {preset['patch_size']}^3 patches "
+    check_memory(training_bytes(preset, model), f"Training the {MODEL_TITLES[model]} on {preset['patch_size']}^3 patches "
                  f"with ngf {preset['ngf']}", "use smaller patches (patch_size) or a narrower network (ngf, ndf)", dev)
     return preset
 
@@ -565,8 +564,7 @@ def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
         snapshot_item = _snapshot_item(train_set, val_set)
         if val_set is None or len(val_set) == 0:
             log(f"Group {group} has no validation case: best.pt will be the last epoch.", mode)
-        what = "direct segmenter (DynUNet)" if model == "segmenter" else f"{model}-task cGAN"
-        log(f"Training the {what} on group {group} ({len(train_set)} training patches of "
+        log(f"Training the {MODEL_TITLES[model]} on group {group} ({len(train_set)} training patches of "
             f"{train_set.patch_size}^3, {steps_per_epoch} iterations per epoch, epochs {start_epoch + 1}-{total_epochs}) "
             f"on {dev}{' with bf16 autocast' if amp else ''}.", mode)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import struct
 import xml.etree.ElementTree as ET
@@ -35,6 +36,19 @@ def parameter_fields(tree: ast.Module) -> dict[str, str]:
         ):
             return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
     raise AssertionError("MicroCTSynth.py has no @parameterNodeWrapper class")
+
+
+def choice_values(tree: ast.Module, expression: str) -> list:
+    """The values of a ``Choice(...)``: a literal list, or ``list(NAME)`` of a name the module imports
+    from the engine (``from MicroCTSynthLib.x import NAME``), read from the engine itself."""
+    engine = {a.asname or a.name: (n.module, a.name) for n in tree.body if isinstance(n, ast.ImportFrom)
+              and (n.module or "").startswith("MicroCTSynthLib") for a in n.names}
+    names = {"list": list}
+    for node in ast.walk(ast.parse(expression, mode="eval")):
+        if isinstance(node, ast.Name) and node.id in engine:
+            module, attribute = engine[node.id]
+            names[node.id] = getattr(importlib.import_module(module), attribute)
+    return eval(expression, {"__builtins__": {}}, names)  # noqa: S307 - the module's own annotation
 
 
 def ui_widgets(root: ET.Element) -> dict[str, ET.Element]:
@@ -108,7 +122,7 @@ def test_bound_widgets_can_represent_their_fields(module_tree, ui_root):
             assert types == [annotation], f"{name} lists {types} for a {annotation}"
         if cls == "QComboBox":
             items = [i.find("property/string").text for i in widget.findall("item")]
-            choices = ast.literal_eval(re.search(r"Choice\((\[.*\])\)", annotation).group(1))
+            choices = choice_values(module_tree, re.search(r"Choice\((.*)\)\]$", annotation).group(1))
             assert items == choices, f"{name}: items {items} differ from the choices {choices}"
 
 

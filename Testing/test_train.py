@@ -186,7 +186,7 @@ def test_resume_refuses_other_network_arguments(straight_run, dataset_dir, tmp_p
     with pytest.raises(MicroCTSynthError, match="another generator.*ngf 4 in the file but 8 here"):
         train(dataset_dir, preset={**load_preset("tiny"), "ngf": 8}, out=tmp_path, resume=out / "last.pt",
               device="cpu", progress="none")
-    with pytest.raises(MicroCTSynthError, match="single-task model; resume it with --model single"):
+    with pytest.raises(MicroCTSynthError, match="holds a single-task cGAN; resume it with --model single"):
         train(dataset_dir, model="multi", preset="tiny", out=tmp_path, resume=out / "last.pt", progress="none")
     with pytest.raises(MicroCTSynthError, match="no last.pt"):
         train(dataset_dir, preset="tiny", out=tmp_path / "empty", resume="last", progress="none")
