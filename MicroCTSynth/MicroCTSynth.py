@@ -63,6 +63,10 @@ from MicroCTSynthLib.process import JobState  # noqa: E402
 #: Python packages the engine needs: distribution name (what pip installs) -> import name
 #: (what is looked for, without importing it). torch comes from the PyTorch extension when it
 #: is there, so that it matches the GPU and driver.
+#: These are pyproject.toml's dependencies again, and must be: the built extension installs the
+#: engine's scripts, not pyproject.toml nor a wheel's metadata, so Slicer has nothing to read
+#: them from, and it needs the import names besides. numpy is left out: Slicer ships it.
+#: Testing/test_module_static.py checks that the two lists name the same packages.
 REQUIRED_PACKAGES = {
     "torch": "torch",
     "SimpleITK": "SimpleITK",

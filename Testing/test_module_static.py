@@ -278,6 +278,17 @@ def test_each_step_asks_for_exactly_the_packages_its_engine_modules_import(modul
         assert set(declared[step]) == needed, f"{step}: declared {sorted(declared[step])}, its modules import {sorted(needed)}"
 
 
+def test_required_packages_are_the_projects_dependencies(module_tree):
+    """REQUIRED_PACKAGES of MicroCTSynth.py names pyproject.toml's dependencies (less numpy, which
+    Slicer ships): the extension has no pyproject.toml to read them from at run time."""
+    declared = next(ast.literal_eval(n.value) for n in module_tree.body if isinstance(n, ast.Assign)
+                    and getattr(n.targets[0], "id", "") == "REQUIRED_PACKAGES")
+    block = re.search(r"^dependencies = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.S | re.M).group(1)
+    dependencies = {re.match(r"[A-Za-z0-9_.-]+", d).group(0) for d in re.findall(r'"([^"]+)"', block)}
+    assert set(declared) == dependencies - {"numpy"}
+    assert all(DISTRIBUTIONS.get(module, name) == name for name, module in declared.items())
+
+
 REPOSITORY = "https://github.com/microctsynth/SlicerMicroCTSynth"
 RAW_FILES = "https://raw.githubusercontent.com/microctsynth/SlicerMicroCTSynth/main/"
 
