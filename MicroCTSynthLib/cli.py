@@ -106,11 +106,11 @@ def _guard(args: argparse.Namespace):
     if args.command != "phantom":
         return nullcontext()
     from .dataset import refuse_existing_dataset
-    from .progress import log
+    from .progress import warn
     from .safety import FolderLock
 
     refuse_existing_dataset(args.out, args.overwrite)
-    return FolderLock(args.out, "dataset folder", log=lambda m: log(m, "json" if args.progress == "json" else "bar"))
+    return FolderLock(args.out, "dataset folder", log=lambda m: warn(m, args.progress))
 
 
 def _on_sigterm(signum, frame):

@@ -35,7 +35,7 @@ from .dataset import Dataset
 from .labels import TISSUE_NAMES
 from .metrics import evaluate
 from .presets import load_preset
-from .progress import Progress, emit_json, log
+from .progress import Progress, log, report_result, warn
 from .volume import atomic_path, json_safe, read_volume, write_json, write_volume
 
 CLASSES = tuple(TISSUE_NAMES.values())
@@ -403,7 +403,7 @@ def run_experiment(data_dir, out_dir, preset: str = "quick", groups=("A", "B", "
     for m in models:
         check_model_kind(m)
     shipped = shipped_or_fail(groups, models) if pretrained else None
-    with FolderLock(out_dir, "experiment folder", log=lambda msg: log(msg, "json" if progress == "json" else "bar")):
+    with FolderLock(out_dir, "experiment folder", log=lambda m: warn(m, progress)):
         return _run_experiment(dataset, out_dir, preset, groups, models, device, progress, shipped)
 
 
@@ -457,13 +457,10 @@ def _split(text: str) -> list[str]:
 def command_experiment(args: argparse.Namespace) -> int:
     summary = run_experiment(args.data, args.out, args.preset, _split(args.groups), _split(args.models), args.device,
                              args.progress, pretrained=args.pretrained)
-    table = summary_table(summary)
-    if args.progress == "json":
-        emit_json("result", outputs={"report": str(Path(args.out) / "report.html"), "results": str(Path(args.out) / "results.csv")},
+    out = Path(args.out)
+    report_result(args.progress, f"{summary_table(summary)}\nReport: {out / 'report.html'}",
+                  outputs={"report": str(out / "report.html"), "results": str(out / "results.csv")},
                   summary=summary["median_dice"])
-    else:
-        print(table)
-        print(f"Report: {Path(args.out) / 'report.html'}")
     return 0
 
 
@@ -489,11 +486,9 @@ def command_demo(args: argparse.Namespace) -> int:
     summary = run_experiment(data, out / folder, args.preset, ["A"], list(MODEL_KINDS), args.device, args.progress,
                              pretrained=not train)
     minutes = (time.monotonic() - start) / 60
-    if args.progress == "json":
-        emit_json("result", outputs={"report": str(out / folder / "report.html")}, summary=summary["median_dice"], minutes=minutes)
-    else:
-        print(summary_table(summary))
-        print(f"Report: {out / folder / 'report.html'}  ({minutes:.1f} min)")
+    report = out / folder / "report.html"
+    report_result(args.progress, f"{summary_table(summary)}\nReport: {report}  ({minutes:.1f} min)",
+                  outputs={"report": str(report)}, summary=summary["median_dice"], minutes=minutes)
     return 0
 
 
@@ -502,11 +497,8 @@ def command_models(args) -> int:
     from .package_data import shipped_checkpoint, shipped_models
 
     models = shipped_models()
-    if args.progress == "json":
-        emit_json("result", models={name: {k: v for k, v in card.items() if k != "folder"} for name, card in models.items()})
-        return 0
-    if not models:
-        print("No shipped model is installed (MicroCTSynthLib/Resources/models/ is empty).")
-    for name, card in models.items():
-        print(f"{name}: group {card.get('group')}, {card.get('model')}: {card.get('summary')}\n    {shipped_checkpoint(card)}")
+    lines = [f"{name}: group {card.get('group')}, {card.get('model')}: {card.get('summary')}\n    {shipped_checkpoint(card)}"
+             for name, card in models.items()]
+    report_result(args.progress, "\n".join(lines) or "No shipped model is installed (MicroCTSynthLib/Resources/models/ is empty).",
+                  models={name: {k: v for k, v in card.items() if k != "folder"} for name, card in models.items()})
     return 0

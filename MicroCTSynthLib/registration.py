@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import MicroCTSynthError
-from .progress import Progress, emit_json
+from .progress import Progress, report_result
 from .volume import Volume, atomic_path, read_volume, write_volume
 
 #: Histogram bins of Mattes mutual information (ITK's usual 32-50).
@@ -225,11 +225,17 @@ def read_transform(path) -> sitk.Transform:
     return transform
 
 
-def write_transform(transform: sitk.Transform, path) -> Path:
-    """Write ``transform`` as an ITK transform file, atomically (temporary name, then rename)."""
+def check_transform_name(path) -> Path:
+    """``path`` if its ending is one an ITK transform file can have, else one sentence."""
     path = Path(path)
     if path.suffix.lower() not in (".tfm", ".txt", ".h5", ".hdf5", ".mat"):
         raise MicroCTSynthError(f"Cannot write the transform '{path}': use the ending .tfm (or .txt, .h5, .mat).")
+    return path
+
+
+def write_transform(transform: sitk.Transform, path) -> Path:
+    """Write ``transform`` as an ITK transform file, atomically (temporary name, then rename)."""
+    path = check_transform_name(path)
     try:
         with atomic_path(path) as tmp:
             sitk.WriteTransform(transform, str(tmp))
@@ -687,9 +693,7 @@ def command_register(args: argparse.Namespace) -> int:
         raise MicroCTSynthError("Landmarks come in pairs: give both --landmarks-fixed and --landmarks-moving.")
     landmarks_fixed = read_landmarks(lf) if lf else None
     landmarks_moving = read_landmarks(lm) if lm else None
-    out_transform, out_resampled = Path(args.out_transform), Path(args.out_resampled)
-    if out_transform.suffix.lower() not in (".tfm", ".txt", ".h5", ".hdf5", ".mat"):
-        raise MicroCTSynthError(f"Cannot write the transform '{out_transform}': use the ending .tfm.")
+    out_transform, out_resampled = check_transform_name(args.out_transform), Path(args.out_resampled)
     start = time.monotonic()
     transform = register(fixed, moving, initial, landmarks_fixed, landmarks_moving,
                          affine=args.affine, progress=mode)
@@ -701,9 +705,6 @@ def command_register(args: argparse.Namespace) -> int:
     summary = (f"Registered '{args.moving}' onto '{args.fixed}' in {seconds:.1f} s "
                f"({_transform_summary(transform, _mask_centroid(fixed, _fixed_mask(fixed)))}): "
                f"{out_transform}, {out_resampled}" + (f" (grid x{downsample} downsampled)" if downsample > 1 else ""))
-    if mode == "json":
-        emit_json("result", outputs={"transform": str(out_transform), "resampled": str(out_resampled)},
-                  seconds=round(seconds, 2), message=summary)
-    else:
-        print(summary)
+    report_result(mode, summary, outputs={"transform": str(out_transform), "resampled": str(out_resampled)},
+                  seconds=round(seconds, 2))
     return 0

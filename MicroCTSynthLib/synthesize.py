@@ -48,7 +48,7 @@ from .choices import BLEND_MODES
 from .errors import MicroCTSynthError
 from .inference import WindowPredictor, resolve_batch_size, resolve_device
 from .labels import AIR, OUTSIDE
-from .progress import Progress, emit_json, log
+from .progress import Progress, log, report_result
 from .volume import Volume, read_volume, write_volume
 
 #: Output voxels of one slab (before the patch-sized halo); 2**24 keeps a 400³ synthesis of
@@ -774,8 +774,5 @@ def command_synthesize(args) -> int:
         outputs["uncertainty"] = str(write_volume(result.std, args.uncertainty))
     if args.entropy:
         outputs["entropy"] = str(write_volume(result.entropy, args.entropy))
-    if args.progress == "json":
-        emit_json("result", outputs=outputs)
-    else:
-        log("Wrote " + ", ".join(f"{k} {v}" for k, v in outputs.items()), args.progress)
+    report_result(args.progress, "Wrote " + ", ".join(f"{k} {v}" for k, v in outputs.items()), outputs=outputs)
     return 0

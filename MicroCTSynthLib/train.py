@@ -46,7 +46,7 @@ from .networks import Discriminator, Generator, Segmenter, segmenter_levels
 from .dataset import Dataset
 from .memory import check_memory, training_bytes
 from .presets import load_preset
-from .progress import Progress, emit_json, log
+from .progress import Progress, log, report_result, warn
 from .safety import FolderLock
 from .volume import atomic_path, write_json
 
@@ -361,7 +361,7 @@ def train(data_dir, group: str = "A", model: str = "single", preset="quick", out
     mode = progress if dist.main else "none"
     preset = _resolve_preset(preset, model, epochs_constant, epochs_decay, dev)
     files = RunFiles(out if out is not None else Path(data_dir) / "runs" / f"{group}_{model}")
-    lock = FolderLock(files.root, "run folder", log=lambda m: log(m, _loud(mode))) if dist.main else nullcontext()
+    lock = FolderLock(files.root, "run folder", log=lambda m: warn(m, mode)) if dist.main else nullcontext()
     try:
         with lock:
             if dist.main:
@@ -369,11 +369,6 @@ def train(data_dir, group: str = "A", model: str = "single", preset="quick", out
             return _train(data_dir, group, model, preset, files, dev, amp, resume, int(seed), mode, dist, allow_mismatch)
     finally:
         dist.stop()
-
-
-def _loud(mode: str) -> str:
-    """What must reach the user even with ``--progress none`` (a lock taken over) goes to stderr then."""
-    return "json" if mode == "json" else "bar"
 
 
 def _claim_run_folder(files: "RunFiles", resume, overwrite: bool, mode: str) -> None:
@@ -488,7 +483,7 @@ def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
                           normalization=None if checkpoint is None else Normalization.from_dict(checkpoint["normalization"]))
     train_set, val_set = data["train"], data["val"]
     if data.get("warning") and dist.main:
-        log(data["warning"], _loud(mode))
+        warn(data["warning"], mode)
     normalization: Normalization = data["normalization"]
     generator, discriminator = build_networks(preset, model)
     gan = discriminator is not None
@@ -724,9 +719,6 @@ def command_train(args) -> int:
                  overwrite=args.overwrite, allow_mismatch=args.allow_mismatch)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return 0
-    outputs = {"best": str(best), "last": str(Path(best).parent / "last.pt")}
-    if args.progress == "json":
-        emit_json("result", outputs=outputs)
-    else:
-        log(f"Trained: best model {best}", args.progress)
+    report_result(args.progress, f"Trained: best model {best}",
+                  outputs={"best": str(best), "last": str(Path(best).parent / "last.pt")})
     return 0
