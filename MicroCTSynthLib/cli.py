@@ -21,7 +21,6 @@ and a volume output's ending is checked, so no work is done for a file that cann
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import sys
 from contextlib import nullcontext
@@ -247,22 +246,26 @@ def _run_train(args: argparse.Namespace) -> int:
     return command_train(args)
 
 
+#: What ``synthesize --roi CENTER SIZE`` (the older form of --roi-center and --roi-size) says.
+DEPRECATED_ROI = ("--roi CENTER SIZE is deprecated and goes in the next release: write --roi-center=X,Y,Z "
+                  "--roi-size=S (or SX,SY,SZ) instead.")
+
 #: The volumes synthesize writes, by argparse dest.
 SYNTHESIS_OUTPUTS = ("out_microct", "out_tissue", "uncertainty", "entropy")
 
 
 # -- synthesize ------------------------------------------------------------------------------------
 def _synthesize_arguments(p: argparse.ArgumentParser) -> None:
-    # LPS coordinates are often negative: let "-12.3,4,5" be a value of --roi, not an option.
-    p._negative_number_matcher = re.compile(r"^-\d[\d.,eE+-]*$|^-\.\d[\d.,eE+-]*$")
+    p.epilog = ("A centre or size that starts with a minus sign goes after '=': --roi-center=-12.3,4,5. "
+                f"{DEPRECATED_ROI}")
     p.add_argument("--model", required=True, help="checkpoint of a trained model (RUN/best.pt)")
     p.add_argument("--ct", required=True, help="the CT (any orientation and spacing)")
     p.add_argument("--out-microct", default=None, help="synthetic micro-CT to write (a cGAN; the segmenter makes none)")
     p.add_argument("--out-tissue", required=True, help="tissue map to write")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--roi", nargs=2, metavar=("CENTER_MM", "SIZE_MM"),
-                       help="region of interest: centre 'x,y,z' (LPS mm) and size 'sx,sy,sz' or one number (mm)")
+    where.add_argument("--roi-center", metavar="X,Y,Z", help="centre of the region of interest (LPS mm)")
     where.add_argument("--reference-grid", help="synthesize on this volume's grid (e.g. the registered micro-CT)")
+    p.add_argument("--roi-size", metavar="S|SX,SY,SZ", help="size of the region of interest (mm): one edge or three")
     p.add_argument("--overlap", type=float, default=0.5, help="patch overlap fraction in [0, 1); 0 = the thesis' tiling")
     p.add_argument("--blend", choices=BLEND_MODES, default="gaussian", help="how overlapping patches are blended")
     p.add_argument("--uncertainty", help="write the voxel-wise standard deviation of N stochastic passes here")
@@ -394,11 +397,16 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv, deprecated = _rewrite_deprecated_roi(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     command = COMMANDS[args.command]
     json_mode = getattr(args, "progress", None) == "json"  # tissue-map and evaluate have no --progress
     previous = _install(signal.SIGTERM, _on_sigterm)
     try:
+        if deprecated:
+            from .progress import warn
+
+            warn(DEPRECATED_ROI, args.progress)
         check_files(args)
         with command.guard(args) if command.guard else nullcontext():
             return int(command.run(args) or 0)
@@ -425,6 +433,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _rewrite_deprecated_roi(argv: list[str]) -> tuple[list[str], bool]:
+    """``synthesize ... --roi CENTER SIZE`` (the form before --roi-center and --roi-size) as
+    ``--roi-center=CENTER --roi-size=SIZE``, and whether it was there. Read before argparse, so a
+    centre starting with a minus sign stays a value; this goes with the old form in the next release."""
+    if not argv or argv[0] != "synthesize" or "--roi" not in argv[:-2]:
+        return argv, False
+    i = argv.index("--roi")
+    return argv[:i] + [f"--roi-center={argv[i + 1]}", f"--roi-size={argv[i + 2]}"] + argv[i + 3:], True
 
 
 def _install(signum, handler):

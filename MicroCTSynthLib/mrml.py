@@ -821,8 +821,9 @@ class MicroCTSynthSceneLogic:
             args += ["--reference-grid", str(self._writeVolume(referenceNode, folder / "reference.nrrd"))]
         elif roiNode is not None:
             center, size = roi_from_node(roiNode)
-            # A leading space keeps argparse from taking "-12.3,..." for an option; the engine strips it.
-            args += ["--roi", " " + ",".join(f"{v:.6f}" for v in center), " " + ",".join(f"{v:.6f}" for v in size)]
+            # After "=", a centre starting with a minus sign is a value, not an option.
+            args += ["--roi-center=" + ",".join(f"{v:.6f}" for v in center),
+                     "--roi-size=" + ",".join(f"{v:.6f}" for v in size)]
         if samples > 1:
             args += ["--samples", str(int(samples)), "--uncertainty", str(folder / "uncertainty.nrrd")]
         base = name or f"{ctNode.GetName()} synthetic micro-CT"

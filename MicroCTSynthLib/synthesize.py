@@ -751,14 +751,25 @@ def parse_roi(center: str, size: str) -> tuple[tuple[float, float, float], tuple
     return tuple(c), tuple(s * 3 if len(s) == 1 else s)
 
 
+def _region_of_interest(args):
+    """(centre, size) of ``--roi-center`` and ``--roi-size``, or None when neither is given."""
+    if args.roi_center is None and args.roi_size is None:
+        return None
+    if args.roi_center is None or args.roi_size is None:
+        raise MicroCTSynthError("A region of interest needs both --roi-center and --roi-size.")
+    if args.reference_grid:
+        raise MicroCTSynthError("Give either a region of interest (--roi-center, --roi-size) or --reference-grid, not both.")
+    return parse_roi(args.roi_center, args.roi_size)
+
+
 def command_synthesize(args) -> int:
     """``microctsynth synthesize``: write the synthetic micro-CT, tissue map and uncertainty."""
     if args.uncertainty and args.samples < 2:
         raise MicroCTSynthError("The uncertainty needs --samples of 2 or more: one deterministic pass has no spread.")
     if not Path(args.model).exists():
         raise MicroCTSynthError(f"The model file '{args.model}' does not exist: check the path.")
+    roi = _region_of_interest(args)
     ct = read_volume(args.ct, f"The CT '{args.ct}'")
-    roi = parse_roi(*args.roi) if args.roi else None
     reference = read_volume(args.reference_grid, f"The reference grid '{args.reference_grid}'") if args.reference_grid else None
     result = synthesize(ct, args.model, roi=roi, reference=reference, overlap=args.overlap, blend=args.blend,
                         samples=args.samples, device=args.device, progress=args.progress,

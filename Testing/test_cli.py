@@ -92,11 +92,24 @@ def test_a_preset_file_can_start_from_another_preset(tmp_path):
 
 
 def test_negative_roi_centre_is_a_value():
-    args = build_parser().parse_args(
-        ["synthesize", "--model", "m.pt", "--ct", "ct.nrrd", "--out-microct", "s.nrrd", "--out-tissue", "t.nrrd",
-         "--roi", "-12.3,4,-5", "6"]
-    )
-    assert args.roi == ["-12.3,4,-5", "6"]
+    base = ["synthesize", "--model", "m.pt", "--ct", "ct.nrrd", "--out-microct", "s.nrrd", "--out-tissue", "t.nrrd"]
+    args = build_parser().parse_args(base + ["--roi-center=-12.3,4,-5", "--roi-size", "6"])
+    assert (args.roi_center, args.roi_size) == ("-12.3,4,-5", "6")
+
+
+def test_the_older_roi_form_still_works_with_a_note(tmp_path, capsys):
+    """``--roi CENTER SIZE`` (before --roi-center and --roi-size) is read as the new form for one more
+    release, a negative centre included, with a sentence saying what to write instead."""
+    from MicroCTSynthLib.cli import _rewrite_deprecated_roi
+
+    base = ["synthesize", "--model", "m.pt", "--ct", "ct.nrrd", "--out-tissue", "t.nrrd"]
+    assert _rewrite_deprecated_roi(base + ["--roi", "-12.3,4,-5", "6", "--samples", "2"]) == (
+        base + ["--roi-center=-12.3,4,-5", "--roi-size=6", "--samples", "2"], True)
+    assert _rewrite_deprecated_roi(base + ["--roi-center=1,2,3", "--roi-size", "6"])[1] is False
+    missing = ["synthesize", "--model", str(tmp_path / "missing.pt"), *base[3:]]
+    assert main(missing + ["--roi", "-1,2,3", "6", "--progress", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "--roi CENTER SIZE is deprecated" in err and "--roi-center=X,Y,Z" in err and "does not exist" in err
 
 
 def test_json_progress_comes_at_a_sane_rate(monkeypatch, capsys):

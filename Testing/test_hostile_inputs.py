@@ -551,9 +551,11 @@ ROWS = [
     Row("synthesize-missing-model", "synthesize", lambda W, S: syn(W, S, model=S / "no.pt"), "does not exist"),
     Row("synthesize-text-model", "synthesize", lambda W, S: syn(W, S, model=W.text_pt), "not a MicroCTSynth checkpoint"),
     Row("synthesize-overlap-above-1", "synthesize", lambda W, S: syn(W, S, overlap=1.5), "overlap"),
-    Row("synthesize-roi-not-numbers", "synthesize", lambda W, S: syn(W, S, reference_grid=None, roi=("a,b,c", "5")),
+    Row("synthesize-roi-not-numbers", "synthesize",
+        lambda W, S: syn(W, S, reference_grid=None, roi_center="a,b,c", roi_size="5"),
         "must be numbers"),
-    Row("synthesize-roi-huge", "synthesize", lambda W, S: syn(W, S, reference_grid=None, roi=("0,0,0", "1e5")),
+    Row("synthesize-roi-huge", "synthesize",
+        lambda W, S: syn(W, S, reference_grid=None, roi_center="0,0,0", roi_size="1e5"),
         "output grid would have"),
     Row("synthesize-tissue-ending", "synthesize", lambda W, S: syn(W, S, out_tissue=S / "t.png"), "endings"),
     Row("synthesize-read-only-outputs", "synthesize",
@@ -675,7 +677,8 @@ def flow_two_trains_at_once(W, S, P):
 
 def _syn_argv(W, S, size, overlap, progress="json"):
     return ["synthesize", "--model", W.model, "--ct", W.ct, "--out-microct", S / "s.nrrd", "--out-tissue", S / "t.nrrd",
-            "--roi", "1.2,1.2,1.2", size, "--overlap", overlap, "--progress", progress, "--device", "cpu"]
+            "--roi-center=1.2,1.2,1.2", "--roi-size", size, "--overlap", overlap, "--progress", progress,
+            "--device", "cpu"]
 
 
 def flow_synthesize_sigterm(W, S, P):

@@ -414,7 +414,8 @@ def test_command_line(tmp_path, capsys):
     out = {k: tmp_path / f"{k}.nrrd" for k in ("microct", "tissue", "std", "entropy")}
     center = ",".join(f"{v:.3f}" for v in BLOB)
     rc = main(["synthesize", "--model", str(model), "--ct", str(ct_path), "--out-microct", str(out["microct"]),
-               "--out-tissue", str(out["tissue"]), "--roi", center, "1.8", "--overlap", "0", "--blend", "constant",
+               "--out-tissue", str(out["tissue"]), f"--roi-center={center}", "--roi-size", "1.8", "--overlap", "0",
+               "--blend", "constant",
                "--uncertainty", str(out["std"]), "--entropy", str(out["entropy"]), "--samples", "2",
                "--device", "cpu", "--progress", "json"])
     assert rc == 0
