@@ -181,6 +181,7 @@ class MicroCTSynthParameterNode:
     # 5. Synthesis
     modelPath: pathlib.Path
     synthesizeOnMicroCTGrid: bool = False
+    useModelOverlap: bool = True  # the model's preset's synthesis_overlap, unless the user sets one
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
     samples: Annotated[int, WithinRange(1, 50)] = 1
     syntheticMicroCT: vtkMRMLScalarVolumeNode
@@ -321,6 +322,7 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 button.enabled = True  # it is the Cancel button now
             else:
                 button.enabled = ready and not busy
+        self.ui.overlapSliderWidget.enabled = not p.useModelOverlap
         self.ui.registerButton.toolTip = (_("Register the CT (moving) onto the micro-CT (fixed) by mutual information.")
                                           if ct and micro else _("Select a CT and a micro-CT first."))
 
@@ -439,7 +441,7 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         onGrid = p.synthesizeOnMicroCTGrid and p.microCTVolume
         job = self.logic.synthesize(p.ctVolume, _path(p.modelPath), roiNode=None if onGrid else p.roi,
                                     referenceNode=p.microCTVolume if onGrid else None, samples=p.samples,
-                                    overlap=p.overlap, device=p.device, wait=False)
+                                    overlap=None if p.useModelOverlap else p.overlap, device=p.device, wait=False)
 
         def done(nodes):
             p.syntheticMicroCT = nodes.microct

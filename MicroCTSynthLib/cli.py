@@ -266,7 +266,9 @@ def _synthesize_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--roi-center", metavar="X,Y,Z", help="centre of the region of interest (LPS mm)")
     where.add_argument("--reference-grid", help="synthesize on this volume's grid (e.g. the registered micro-CT)")
     p.add_argument("--roi-size", metavar="S|SX,SY,SZ", help="size of the region of interest (mm): one edge or three")
-    p.add_argument("--overlap", type=float, default=0.5, help="patch overlap fraction in [0, 1); 0 = the thesis' tiling")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="window overlap, a fraction in [0, 1) (default: the model's preset's synthesis_overlap); "
+                        "0 = the thesis' tiling")
     p.add_argument("--blend", choices=BLEND_MODES, default="gaussian", help="how overlapping patches are blended")
     p.add_argument("--uncertainty", help="write the voxel-wise standard deviation of N stochastic passes here")
     p.add_argument("--entropy", help="write the tissue map's entropy of N stochastic passes here")

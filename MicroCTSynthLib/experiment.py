@@ -103,9 +103,10 @@ def run_summary(checkpoint: Path) -> dict:
 
 
 # -- one test specimen --------------------------------------------------------------------------
-def score_specimen(dataset: Dataset, group: str, specimen: str, runs: dict, out_dir: Path, device: str, progress: str,
-                   overlap: float = 0.5) -> dict:
-    """Every method's tissue map of ``specimen`` and its metrics (cached in ``metrics_<method>.json``)."""
+def score_specimen(dataset: Dataset, group: str, specimen: str, runs: dict, out_dir: Path, device: str,
+                   progress: str) -> dict:
+    """Every method's tissue map of ``specimen`` and its metrics (cached in ``metrics_<method>.json``); each
+    model synthesizes with its own preset's window overlap."""
     case_dir = out_dir / "cases" / group / specimen
     reference = read_volume(dataset.path(specimen, "tissue"))
     microct = read_volume(dataset.path(specimen, "microct"))
@@ -133,7 +134,7 @@ def score_specimen(dataset: Dataset, group: str, specimen: str, runs: dict, out_
 
             # The thesis synthesizes from the CT registered onto the micro-CT grid.
             ct_registered = read_volume(dataset.path(specimen, "ct_registered"))
-            result = synthesize(ct_registered, runs[method], reference=ct_registered, overlap=overlap, device=device, progress="none")
+            result = synthesize(ct_registered, runs[method], reference=ct_registered, device=device, progress="none")
             synthetic, prediction = result.microct, result.tissue
             if synthetic is not None:  # the segmenter makes none
                 write_volume(synthetic, case_dir / f"{method}_microct.nrrd")
@@ -148,15 +149,13 @@ def score_specimen(dataset: Dataset, group: str, specimen: str, runs: dict, out_
 def score_checkpoint(checkpoint, dataset: Dataset, specimens, device: str = "auto") -> dict:
     """``{specimen: {class: Dice}}`` of a model's tissue map of each specimen, synthesized from its
     registered CT onto its micro-CT grid with the model's own window overlap (the experiment's way)."""
-    from .checkpoint import load_checkpoint
     from .metrics import dice_per_class
     from .synthesize import synthesize
 
-    overlap = float((load_checkpoint(checkpoint).get("preset") or {}).get("synthesis_overlap", 0.5))
     scores = {}
     for s in specimens:
         ct = read_volume(dataset.path(s, "ct_registered"))
-        result = synthesize(ct, checkpoint, reference=ct, overlap=overlap, device=device, progress="none")
+        result = synthesize(ct, checkpoint, reference=ct, device=device, progress="none")
         dice = dice_per_class(read_volume(dataset.path(s, "tissue")).array, result.tissue.array)
         scores[s] = {c: float(dice[c]) for c in CLASSES}
     return scores
@@ -426,8 +425,7 @@ def _run_experiment(dataset: Dataset, out_dir: Path, preset: str, groups, models
                 bar.update(group=g, stage=f"{'load' if shipped is not None else 'train'} {m}")
             scores[g] = {}
             for s in dataset.group(g)["test"]:
-                scores[g][s] = score_specimen(dataset, g, s, checkpoints, out_dir, device, progress,
-                                              overlap=float(load_preset(preset)["synthesis_overlap"]))
+                scores[g][s] = score_specimen(dataset, g, s, checkpoints, out_dir, device, progress)
             bar.update(group=g, stage="evaluate")
 
     rows = result_rows(scores)

@@ -798,14 +798,15 @@ class MicroCTSynthSceneLogic:
         return self._startJob("train", args, on_result, wait, on_event, on_finish)
 
     # -- 5. synthesis -----------------------------------------------------------------------
-    def synthesize(self, ctNode, modelPath, roiNode=None, referenceNode=None, samples: int = 1, overlap: float = 0.5,
-                   device: str | None = None, wait: bool = False, name: str | None = None):
+    def synthesize(self, ctNode, modelPath, roiNode=None, referenceNode=None, samples: int = 1,
+                   overlap: float | None = None, device: str | None = None, wait: bool = False, name: str | None = None):
         """Synthetic micro-CT and tissue map of a CT with a trained model (in the background).
 
         The output grid: the ROI (axis-aligned, at the model's voxel size), or the grid of
         ``referenceNode`` (e.g. the micro-CT, for evaluation), or the CT's field of view. The
         CT is taken where it is shown (with its registration transform). ``samples`` > 1 also
-        gives the voxel-wise standard deviation (an uncertainty volume). Result:
+        gives the voxel-wise standard deviation (an uncertainty volume). ``overlap``: of the windows, a
+        fraction (default: the model's preset's ``synthesis_overlap``). Result:
         :class:`SynthesisNodes`.
         """
         self._checkIdle()
@@ -816,7 +817,9 @@ class MicroCTSynthSceneLogic:
         ct_path = self._writeVolume(ctNode, folder / "ct.nrrd")
         out_microct, out_tissue = folder / "synthetic_microct.nrrd", folder / "synthetic_tissue.nrrd"
         args = ["--model", str(modelPath), "--ct", str(ct_path), "--out-microct", str(out_microct),
-                "--out-tissue", str(out_tissue), "--overlap", str(overlap), "--device", device or self.device]
+                "--out-tissue", str(out_tissue), "--device", device or self.device]
+        if overlap is not None:
+            args += ["--overlap", str(overlap)]
         if referenceNode is not None:
             args += ["--reference-grid", str(self._writeVolume(referenceNode, folder / "reference.nrrd"))]
         elif roiNode is not None:

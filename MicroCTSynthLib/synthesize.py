@@ -49,6 +49,7 @@ from .errors import MicroCTSynthError
 from .inference import WindowPredictor, resolve_batch_size, resolve_device
 from .labels import AIR, OUTSIDE
 from .progress import Progress, log, report_result
+from .tiling import SYNTHESIS_OVERLAP, check_overlap, patch_starts
 from .volume import Volume, read_volume, write_volume
 
 #: Output voxels of one slab (before the patch-sized halo); 2**24 keeps a 400³ synthesis of
@@ -105,19 +106,6 @@ def importance_map(patch_size, mode="gaussian") -> np.ndarray:
     raise MicroCTSynthError(f"The blending mode must be one of {', '.join(BLEND_MODES)}, not {mode!r}.")
 
 
-def patch_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Window starts along one axis (MONAI's ``dense_patch_slices``).
-
-    Windows every ``int(patch * (1 - overlap))`` voxels, the last one shifted inward to end at
-    the edge; with ``overlap=0`` this is the thesis' regular tiling.
-    """
-    if size <= patch:
-        return [0]
-    interval = max(int(patch * (1.0 - overlap)), 1)
-    count = next(d for d in range(math.ceil(size / interval) + 1) if d * interval + patch >= size) + 1
-    return [min(d * interval, size - patch) for d in range(count)]
-
-
 def _triple(value, name, kind=float) -> tuple:
     if np.isscalar(value):
         return (kind(value),) * 3
@@ -125,13 +113,6 @@ def _triple(value, name, kind=float) -> tuple:
     if len(value) != 3:
         raise MicroCTSynthError(f"{name} needs one value or three (x, y, z), not {len(value)}.")
     return value
-
-
-def _check_overlap(overlap: float) -> float:
-    overlap = float(overlap)
-    if not 0.0 <= overlap < 1.0:
-        raise MicroCTSynthError(f"The patch overlap must be at least 0 and below 1, not {overlap}.")
-    return overlap
 
 
 def weight_sum(lo: int, hi: int, starts, roi, weight: np.ndarray, shape_yx) -> np.ndarray:
@@ -221,9 +202,9 @@ def _run_windows(image: torch.Tensor, origin_z: int, positions, roi, runner: Win
     return len(run), len(skipped)
 
 
-def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callable, roi_size, overlap=0.5,
-                             mode="gaussian", sw_batch_size="auto", device="cpu", n_outputs=None, progress=None,
-                             cval=0.0, precision="auto", backend="auto", background=None):
+def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callable, roi_size,
+                             overlap=SYNTHESIS_OVERLAP, mode="gaussian", sw_batch_size="auto", device="cpu",
+                             n_outputs=None, progress=None, cval=0.0, precision="auto", backend="auto", background=None):
     """Patch-wise inference of ``predictor`` over ``image``, blended: ``sum(w * pred) / sum(w)``.
 
     The same contract as MONAI's ``sliding_window_inference``: ``image`` is (D, H, W),
@@ -257,7 +238,7 @@ def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callab
         raise ValueError(f"The image must be (D, H, W), (C, D, H, W) or (1, C, D, H, W), not {tuple(array.shape)}.")
     array = array.float()
     roi = _triple(roi_size, "roi_size", int)
-    overlap = _check_overlap(overlap)
+    overlap = check_overlap(overlap)
     runner = WindowPredictor(predictor, roi, device, precision, backend)
     batch_size = resolve_batch_size(sw_batch_size, roi, runner.device)
     size = tuple(array.shape[1:])
@@ -474,7 +455,7 @@ def _slab_groups(rows, roi_z: int, plane: int, chunk_voxels: int) -> list:
 
 
 def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normalization, patch_size: int,
-                       multitask: bool = False, overlap=0.5, blend="gaussian", samples=1, device="cpu",
+                       multitask: bool = False, overlap=SYNTHESIS_OVERLAP, blend="gaussian", samples=1, device="cpu",
                        progress="none", chunk_voxels=DEFAULT_CHUNK_VOXELS, sw_batch_size="auto",
                        closing_radius_mm=None, spacing_mm=None, precision="auto", backend="auto",
                        entropy=None, skip_background=True, image_head=True) -> SynthesisResult:
@@ -509,7 +490,7 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
                                     precision=precision, backend=backend, entropy=want_entropy,
                                     skip_background=skip_background, image_head=image_head)
         return _resample_result(result, grid, field_of_view(ct, grid), float(normalization.net_to_microct(np.float32(-1.0))))
-    overlap = _check_overlap(overlap)
+    overlap = check_overlap(overlap)
     if blend not in BLEND_MODES:
         raise MicroCTSynthError(f"The blending mode must be one of {', '.join(BLEND_MODES)}, not {blend!r}.")
     device = resolve_device(device)
@@ -694,14 +675,21 @@ def model_spacing(meta: dict) -> tuple[float, float, float]:
     return tuple(float(s) * factor for s in _triple(spacing, "spacing_mm", float))
 
 
-def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=0.5, blend="gaussian",
+def model_overlap(meta: dict) -> float:
+    """The window overlap the model's preset gives synthesis (``synthesis_overlap``), or
+    :data:`~MicroCTSynthLib.tiling.SYNTHESIS_OVERLAP` for a checkpoint without one."""
+    return check_overlap((meta.get("preset") or {}).get("synthesis_overlap", SYNTHESIS_OVERLAP))
+
+
+def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=None, blend="gaussian",
                samples=1, device="auto", progress="none", chunk_voxels=DEFAULT_CHUNK_VOXELS, precision="auto",
                backend="auto", sw_batch_size="auto", entropy=None) -> SynthesisResult:
     """Synthetic micro-CT and tissue map of ``ct`` with the trained model at ``model_path``.
 
     ``roi``: (centre x, y, z mm, size mm) of the output region; ``reference``: a
     :class:`Volume` (or path) whose grid the output takes; neither: the CT's field of view.
-    ``overlap`` 0 is the thesis' tiling; ``blend`` "gaussian" or "constant"; ``samples`` > 1
+    ``overlap``: a fraction of the window (:mod:`tiling`; 0 is the thesis' tiling), by default the
+    model's own (:func:`model_overlap`); ``blend`` "gaussian" or "constant"; ``samples`` > 1
     keeps dropout on for that many stochastic passes; ``progress`` "bar", "json", "none" or a
     :class:`Progress`. ``chunk_voxels`` bounds the slab processed at once. ``precision``,
     ``backend``, ``sw_batch_size``: see :mod:`MicroCTSynthLib.inference`; ``entropy``: see
@@ -732,6 +720,7 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=0.5, bl
                  f"Synthesizing a grid of {grid.shape[2]} x {grid.shape[1]} x {grid.shape[0]} voxels",
                  "give a smaller region of interest (--roi) or fewer --samples", dev)
     closing = (meta.get("preset") or {}).get("tissue_closing_radius_mm")
+    overlap = model_overlap(meta) if overlap is None else overlap
     return synthesize_on_grid(ct, grid, generator, normalization, patch_size, multitask=multitask, overlap=overlap,
                               blend=blend, samples=samples, device=dev, progress=progress, chunk_voxels=chunk_voxels,
                               closing_radius_mm=closing, spacing_mm=spacing, precision=precision, backend=backend,

@@ -323,10 +323,11 @@ def _panel(module, logic, monkeypatch):
     monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kw: None, raising=False)
     widget = module.MicroCTSynthWidget.__new__(module.MicroCTSynthWidget)
     names = ["placeRoiButton", "registerButton", "tissueMapButton", "addCaseButton", "compareButton", "trainButton",
-             "resumeButton", "synthesizeButton", "atlasButton", "progressBar", "statusLabel"]
+             "resumeButton", "synthesizeButton", "atlasButton", "progressBar", "statusLabel", "overlapSliderWidget"]
     widget.ui = types.SimpleNamespace(**{n: _Widget(n.removesuffix("Button").capitalize()) for n in names})
     fields = {k: None for k in module.MicroCTSynthParameterNode.__annotations__}
-    fields.update(group="A", caseName="case1", datasetDir=Path("."), modelPath=Path("."), synthesizeOnMicroCTGrid=False)
+    fields.update(group="A", caseName="case1", datasetDir=Path("."), modelPath=Path("."), synthesizeOnMicroCTGrid=False,
+                  useModelOverlap=True, overlap=0.5)
     widget._parameterNode = types.SimpleNamespace(**fields)
     widget.logic, widget._timer = logic, _Timer()
     widget._job = widget._jobButton = widget._jobDone = None

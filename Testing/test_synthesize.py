@@ -385,6 +385,23 @@ def make_checkpoint(path, multitask=False, downsample=1, head_bias=None):
     })
 
 
+def test_synthesis_overlap_is_the_models_unless_given(tmp_path, monkeypatch):
+    """The window overlap of synthesize is the model's preset's synthesis_overlap unless the caller
+    gives one; a checkpoint without it takes the paper preset's."""
+    from MicroCTSynthLib import synthesize as module
+    from MicroCTSynthLib.presets import load_preset
+    from MicroCTSynthLib.tiling import SYNTHESIS_OVERLAP
+
+    assert load_preset("paper")["synthesis_overlap"] == SYNTHESIS_OVERLAP
+    assert module.model_overlap({"preset": load_preset("quick")}) == 0.25 and module.model_overlap({}) == SYNTHESIS_OVERLAP
+    used = []
+    monkeypatch.setattr(module, "synthesize_on_grid", lambda *a, **kw: used.append(kw["overlap"]))
+    model = make_checkpoint(tmp_path / "best.pt")  # the tiny preset: overlap 0
+    module.synthesize(blob_ct(BLOB), model, roi=(BLOB, 1.8), device="cpu")
+    module.synthesize(blob_ct(BLOB), model, roi=(BLOB, 1.8), overlap=0.5, device="cpu")
+    assert used == [load_preset("tiny")["synthesis_overlap"], 0.5]
+
+
 def test_synthesize_from_a_checkpoint(tmp_path):
     from MicroCTSynthLib.synthesize import synthesize
 
