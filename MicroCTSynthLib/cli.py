@@ -21,6 +21,7 @@ and a volume output's ending is checked, so no work is done for a file that cann
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 from contextlib import nullcontext
@@ -398,9 +399,12 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``microctsynth ARGV``; the command gets the parsed options and ``command_line``, the
+    line itself (a training run keeps it in its ``command.txt``)."""
     parser = build_parser()
     argv, deprecated = _rewrite_deprecated_roi(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["microctsynth", *argv])
     command = COMMANDS[args.command]
     json_mode = getattr(args, "progress", None) == "json"  # tissue-map and evaluate have no --progress
     previous = _install(signal.SIGTERM, _on_sigterm)

@@ -10,7 +10,9 @@ epochs and at the end; ``best.pt`` is the epoch with the lowest validation loss 
 
 The run folder holds the checkpoints, ``tensorboard/`` (every loss term, the learning rate and
 mid-slices of real_A, fake_B, real_B, and for multitask the class maps), ``snapshots/`` (the same
-pictures as PNG), ``validation_loss.png`` (the thesis' Fig. 6) and ``history.json``.
+pictures as PNG), ``validation_loss.png`` (the thesis' Fig. 6), ``history.json``, and how the run
+was made (as pix2pix's ``opt.txt``): ``preset.json``, the resolved preset, and ``command.txt``, the
+command line (or Python call) of each start, one a line.
 
 Determinism: the seed fixes torch, numpy and Python's generators; each epoch's patch order comes
 from seed + epoch; checkpoints keep the generators' states, so ``--resume`` continues the very run
@@ -164,6 +166,8 @@ class RunFiles:
         self.curve = self.root / "validation_loss.png"
         self.snapshots = self.root / "snapshots"
         self.tensorboard = self.root / "tensorboard"
+        self.preset = self.root / "preset.json"      # the resolved preset of the latest start
+        self.command = self.root / "command.txt"     # each command that started or continued the run
 
     def epoch(self, epoch: int) -> Path:
         return self.root / f"epoch_{epoch:03d}.pt"
@@ -342,7 +346,7 @@ def _snapshot_item(train: PatchDataset, val: PatchDataset | None) -> dict:
 # -- training ----------------------------------------------------------------------------------------
 def train(data_dir, group: str = "A", model: str = "single", preset="quick", out=None, epochs_constant=None,
           epochs_decay=None, device="auto", amp: bool | None = None, resume=None, seed: int = 0, progress="bar",
-          overwrite: bool = False, allow_mismatch: bool = False) -> Path:
+          overwrite: bool = False, allow_mismatch: bool = False, command: str | None = None) -> Path:
     """Train the single-task (Eq. 5) or multitask (Eq. 6) 3D cGAN on ``group`` of ``data_dir``.
 
     ``preset``: "paper", "quick", "tiny", a JSON path or a dict; ``epochs_constant`` /
@@ -352,8 +356,14 @@ def train(data_dir, group: str = "A", model: str = "single", preset="quick", out
     A run folder that holds a run is refused unless ``resume`` or ``overwrite`` (which deletes
     its checkpoints first); a checkpoint of another group or other cases is refused on resume
     unless ``allow_mismatch``. The run folder is locked while the run lasts.
+    The run folder says how it was made: ``preset.json``, the resolved preset, and
+    ``command.txt``, one line per start: ``command`` (the command line passes its own) or this call.
     Returns the path of ``best.pt``.
     """
+    if command is None:
+        command = _call(data_dir, group=group, model=model, preset=preset, out=out, epochs_constant=epochs_constant,
+                        epochs_decay=epochs_decay, device=device, amp=amp, resume=resume, seed=seed,
+                        overwrite=overwrite, allow_mismatch=allow_mismatch)
     check_model_kind(model)
     dist = _Distributed()
     dev = resolve_device(device, dist.local_rank)
@@ -367,9 +377,18 @@ def train(data_dir, group: str = "A", model: str = "single", preset="quick", out
             if dist.main:
                 _claim_run_folder(files, resume, overwrite, mode)
             return _Trainer(data_dir, group, model, preset, files, dev, amp, resume, int(seed), mode, dist,
-                            allow_mismatch).run()
+                            allow_mismatch, command).run()
     finally:
         dist.stop()
+
+
+def _call(data_dir, **options) -> str:
+    """This call of :func:`train`, for ``command.txt`` (a preset given as a dict is in ``preset.json``)."""
+    shown = [repr(str(data_dir))]
+    for key, value in options.items():
+        value = "preset.json" if isinstance(value, dict) else str(value) if isinstance(value, Path) else value
+        shown.append(f"{key}={value!r}")
+    return f"MicroCTSynthLib.train.train({', '.join(shown)})"
 
 
 def _claim_run_folder(files: "RunFiles", resume, overwrite: bool, mode: str) -> None:
@@ -384,7 +403,7 @@ def _claim_run_folder(files: "RunFiles", resume, overwrite: bool, mode: str) -> 
             "or start afresh with --overwrite (which deletes its checkpoints).")
     import shutil
 
-    for path in old + [files.history, files.curve, files.root / "complete.json"]:
+    for path in old + [files.history, files.curve, files.preset, files.command, files.root / "complete.json"]:
         path.unlink(missing_ok=True)
     for folder in (files.snapshots, files.tensorboard):
         shutil.rmtree(folder, ignore_errors=True)
@@ -557,9 +576,9 @@ class _Trainer:
     validates, monitors and writes every file."""
 
     def __init__(self, data_dir, group, model, preset, files, dev, amp, resume, seed, mode, dist: _Distributed,
-                 allow_mismatch: bool = False):
+                 allow_mismatch: bool = False, command: str = ""):
         self.group, self.model, self.preset, self.files, self.dev = group, model, preset, files, dev
-        self.seed, self.mode, self.dist = seed, mode, dist
+        self.seed, self.mode, self.dist, self.command = seed, mode, dist, command
         self.total_epochs = int(preset["n_epochs"]) + int(preset["n_epochs_decay"])
         self.amp = _resolve_amp(amp, preset, dev, mode)
         self.checkpoint = self._checkpoint_to_resume(resume, data_dir, allow_mismatch)
@@ -639,9 +658,13 @@ class _Trainer:
         return self.files.best
 
     def _start_monitoring(self) -> None:
-        """Rank 0: the run folder, TensorBoard, the patch shown every time, and what the run is."""
+        """Rank 0: the run folder and how it was made, TensorBoard, the patch shown every time, what the run is."""
         files, model, group = self.files, self.model, self.group
         files.root.mkdir(parents=True, exist_ok=True)
+        write_json(files.preset, self.preset)
+        before = files.command.read_text().splitlines() if files.command.exists() else []
+        with atomic_path(files.command) as tmp:  # a new file: a hard-linked copy of the run keeps its own
+            tmp.write_text("\n".join([*before, self.command]) + "\n")
         self.writer = _summary_writer(files, self.start_epoch * self.steps_per_epoch, self.mode)
         self.snapshot_item = _snapshot_item(self.train_set, self.val_set)
         if self.val_set is None or len(self.val_set) == 0:
@@ -797,7 +820,7 @@ def command_train(args) -> int:
     best = train(args.data, group=args.group, model=args.model, preset=args.preset, out=args.out,
                  epochs_constant=args.epochs_constant, epochs_decay=args.epochs_decay, device=args.device,
                  amp=args.amp, resume=args.resume, seed=args.seed, progress=args.progress,
-                 overwrite=args.overwrite, allow_mismatch=args.allow_mismatch)
+                 overwrite=args.overwrite, allow_mismatch=args.allow_mismatch, command=args.command_line)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return 0
     report_result(args.progress, f"Trained: best model {best}",

@@ -359,12 +359,17 @@ def run_copy(W, S) -> Path:
     return S / "run"
 
 
+def run_records(W, S):
+    """How a run that started was made: its preset.json and command.txt."""
+    return [str(S / "run" / "preset.json"), str(S / "run" / "command.txt")]
+
+
 def tensorboard(W, S):
-    return [str(S / "run" / "tensorboard") + os.sep]
+    return [str(S / "run" / "tensorboard") + os.sep, *run_records(W, S)]
 
 
 def new_run_folder(W, S):
-    return [str(S / "run"), str(S / "run" / "tensorboard"), str(S / "run" / "tensorboard") + os.sep]
+    return [str(S / "run"), str(S / "run" / "tensorboard"), str(S / "run" / "tensorboard") + os.sep, *run_records(W, S)]
 
 
 def ct_in_unit_range(W, S):
