@@ -37,7 +37,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -454,6 +454,163 @@ def _slab_groups(rows, roi_z: int, plane: int, chunk_voxels: int) -> list:
     return groups
 
 
+class _Tiling:
+    """The working grid of a synthesis and its windows: the output grid, at least a window wide
+    (the CT fills the margin, cropped at the end), tiled by :func:`~MicroCTSynthLib.tiling.patch_starts`;
+    the rows of windows grouped into slabs of about ``chunk_voxels``."""
+
+    def __init__(self, grid_shape, patch_size: int, overlap: float, blend: str, chunk_voxels: int):
+        self.roi = (int(patch_size),) * 3
+        self.shape = np.asarray(grid_shape)
+        self.pad_before = np.maximum(np.asarray(self.roi) - self.shape, 0) // 2
+        self.work = np.maximum(self.shape, self.roi)
+        self.shape_yx = (int(self.work[1]), int(self.work[2]))
+        self.starts = [patch_starts(int(n), r, overlap) for n, r in zip(self.work, self.roi)]
+        self.weight = importance_map(self.roi, blend)
+        self.n_windows = len(self.starts[0]) * len(self.starts[1]) * len(self.starts[2])
+        self.slabs = _slab_groups(self.starts[0], self.roi[0], int(self.work[1] * self.work[2]), chunk_voxels)
+
+    def positions(self, rows) -> list:
+        return [(z, y, x) for z in rows for y in self.starts[1] for x in self.starts[2]]
+
+    def finished(self, acc: _Blend, z_end: int):
+        """Planes [acc.start, z_end) of the working grid that lie on the output grid: their blended
+        values (numerator / weight sum, in place) and where they go, or None."""
+        pad, shape, z0 = self.pad_before, self.shape, acc.start
+        lo, hi = max(z0, int(pad[0])), min(z_end, int(pad[0] + shape[0]))
+        if hi <= lo:
+            return None
+        src = (slice(lo - z0, hi - z0), slice(pad[1], pad[1] + shape[1]), slice(pad[2], pad[2] + shape[2]))
+        blended = acc.numerators[0][(slice(None),) + src]
+        blended /= weight_sum(lo, hi, self.starts, self.roi, self.weight, self.shape_yx)[(slice(None),) + src[1:]]
+        return blended, slice(lo - pad[0], hi - pad[0])
+
+
+class _Outputs:
+    """The volumes a synthesis fills plane by plane, only those asked for: the synthetic micro-CT
+    (the mean of the passes) and its standard deviation, a multitask model's labels and entropy,
+    and, for a single-task entropy (Otsu is global), every pass in a temporary folder on disk,
+    removed when the outputs are closed, whatever happened."""
+
+    def __init__(self, grid_shape, samples: int, image_head: bool, multitask: bool, want_entropy: bool, normalization):
+        self.samples, self.image_head, self.multitask, self.normalization = samples, image_head, multitask, normalization
+        self.n_images = samples if image_head else 0
+        self.microct = np.zeros(grid_shape, dtype=np.float32) if image_head else None
+        self.std = np.zeros(grid_shape, dtype=np.float32) if samples > 1 and image_head else None
+        self.labels = np.zeros(grid_shape, dtype=np.uint8) if multitask else None
+        self.entropy = np.zeros(grid_shape, dtype=np.float32) if want_entropy else None
+        self.passes, self._folder = None, None
+        if samples > 1 and not multitask and want_entropy:
+            self._folder = tempfile.TemporaryDirectory(prefix="microctsynth-passes-")
+            self.passes = np.lib.format.open_memmap(os.path.join(self._folder.name, "passes.npy"), mode="w+",
+                                                    dtype=np.float32, shape=(samples, *grid_shape))
+
+    def __enter__(self) -> "_Outputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.passes = None  # the memory map goes before its file
+        if self._folder is not None:
+            self._folder.cleanup()
+
+    def write(self, blended: np.ndarray, dst: slice) -> None:
+        """Output planes ``dst`` from the blended channels: the passes' micro-CTs, then the mean softmax."""
+        if self.image_head:
+            passes = self.normalization.net_to_microct(blended[:self.samples]).astype(np.float32)
+            self.microct[dst] = passes.mean(axis=0)
+            if self.std is not None:
+                self.std[dst] = passes.std(axis=0)
+            if self.passes is not None:
+                self.passes[:, dst] = passes
+        if self.multitask:
+            probabilities = blended[self.n_images:self.n_images + 3]
+            self.labels[dst] = np.argmax(probabilities, axis=0).astype(np.uint8) + AIR
+            if self.entropy is not None:
+                self.entropy[dst] = _entropy(probabilities)
+
+
+def _window_runner(generator: nn.Module, samples: int, multitask: bool, image_head: bool, roi, device, precision,
+                   backend, sw_batch_size, mode: str) -> tuple[WindowPredictor, int]:
+    """The generator's passes as a predictor of windows, and how many windows go per call."""
+    if samples > 1 and enable_dropout(generator) == 0:
+        log("The model has no dropout: all samples are equal and the uncertainty is zero.", mode)
+    if samples > 1 and backend in (None, "auto"):
+        backend = "torch"  # stochastic passes keep dropout on, which only PyTorch runs
+    runner = WindowPredictor(_passes(generator, samples, multitask, image_head), roi, device, precision, backend)
+    batch_size = resolve_batch_size(sw_batch_size, roi, runner.device)
+    log(f"Synthesis: {runner.description}, {batch_size} window{'s' if batch_size > 1 else ''} per call.", mode)
+    return runner, batch_size
+
+
+def _carried_over(carry: _Blend | None, acc: _Blend) -> None:
+    """Hand ``acc`` the partial sums of the previous slab's windows that reach into it."""
+    if carry is None or carry.numerators is None:
+        return
+    n_keep = carry.start + carry.depth - acc.start
+    if n_keep > 0:
+        acc.numerators = [np.zeros((c.shape[0], acc.depth, *acc.shape_yx), dtype=np.float32) for c in carry.numerators]
+        for a, c in zip(acc.numerators, carry.numerators):
+            a[:, :n_keep] = c[:, acc.start - carry.start:]
+
+
+def _run_slabs(ct_image: sitk.Image, grid: Volume, tiling: _Tiling, normalization, outside_value: float,
+               runner: WindowPredictor, batch_size: int, outputs: _Outputs, bar: Progress, background) -> int:
+    """Every slab: the CT resampled onto it and normalised, its windows run and blended, its finished
+    planes written out and the rest carried over, one slab in memory at a time. Returns how many
+    windows were not run (``background``, see :func:`_run_windows`)."""
+    pad, work = tiling.pad_before, tiling.work
+    carry, skipped = None, 0
+    for g, rows in enumerate(tiling.slabs):
+        z_lo, z_hi = rows[0], rows[-1] + tiling.roi[0]
+        acc = _Blend(z_lo, z_hi - z_lo, tiling.shape_yx)
+        _carried_over(carry, acc)
+        carry = None  # only one slab in memory at a time
+        # The CT on this slab of the working grid (indices relative to the output grid).
+        start_xyz = (-int(pad[2]), -int(pad[1]), z_lo - int(pad[0]))
+        size_xyz = (int(work[2]), int(work[1]), z_hi - z_lo)
+        ct_slab = _resample(ct_image, grid, start_xyz, size_xyz, sitk.sitkLinear, outside_value, sitk.sitkFloat32)
+        net_in = torch.from_numpy(np.ascontiguousarray(normalization.ct_to_net(ct_slab), dtype=np.float32))[None]
+        del ct_slab
+        _, n_skipped = _run_windows(net_in, z_lo, tiling.positions(rows), tiling.roi, runner, batch_size,
+                                    tiling.weight, acc, bar, background=background)
+        skipped += n_skipped
+        del net_in
+        finished = tiling.finished(acc, tiling.slabs[g + 1][0] if g + 1 < len(tiling.slabs) else int(work[0]))
+        if finished is not None:
+            outputs.write(*finished)
+        carry = acc
+    return skipped
+
+
+def _result(outputs: _Outputs, grid: Volume, fov: np.ndarray, normalization, closing_radius_mm, mode: str) -> SynthesisResult:
+    """The outputs as volumes: nothing outside the CT (the darkest micro-CT value, label 0, no
+    spread); a single-task tissue map (and entropy over the passes) by the thesis' Otsu + closing."""
+    if outputs.microct is not None:
+        outputs.microct[~fov] = float(normalization.net_to_microct(np.float32(-1.0)))
+    if outputs.std is not None:
+        outputs.std[~fov] = 0.0
+    microct = grid.with_array(outputs.microct) if outputs.microct is not None else None
+    entropy = outputs.entropy
+    if outputs.multitask:
+        labels = outputs.labels
+    else:
+        log("Tissue map of the synthetic micro-CT: multi-Otsu and closing.", mode)
+        labels = _otsu_tissue(microct, fov, closing_radius_mm)
+        if entropy is not None and outputs.samples > 1:
+            counts = np.zeros((3, *grid.shape), dtype=np.uint16)
+            for k in range(outputs.samples):
+                pass_labels = _otsu_tissue(grid.with_array(np.asarray(outputs.passes[k])), fov, closing_radius_mm)
+                for c in range(3):
+                    counts[c] += pass_labels == c + AIR
+            entropy = _entropy(counts.astype(np.float32) / outputs.samples)
+    labels[~fov] = OUTSIDE
+    if entropy is not None:
+        entropy[~fov] = 0.0
+    return SynthesisResult(microct=microct, tissue=grid.with_array(labels),
+                           std=grid.with_array(outputs.std) if outputs.std is not None else None,
+                           entropy=grid.with_array(entropy) if entropy is not None else None)
+
+
 def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normalization, patch_size: int,
                        multitask: bool = False, overlap=SYNTHESIS_OVERLAP, blend="gaussian", samples=1, device="cpu",
                        progress="none", chunk_voxels=DEFAULT_CHUNK_VOXELS, sw_batch_size="auto",
@@ -484,151 +641,43 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
     if spacing_mm is not None and not np.allclose(grid.spacing, _triple(spacing_mm, "spacing_mm"), rtol=0.01):
         # The network only knows its own voxel size: synthesize at it over the same field of
         # view, then resample onto the requested grid.
-        work = regrid(grid, spacing_mm)
-        result = synthesize_on_grid(ct, work, generator, normalization, patch_size, multitask, overlap, blend, samples,
-                                    device, progress, chunk_voxels, sw_batch_size, closing_radius_mm,
-                                    precision=precision, backend=backend, entropy=want_entropy,
-                                    skip_background=skip_background, image_head=image_head)
+        result = synthesize_on_grid(
+            ct, regrid(grid, spacing_mm), generator, normalization, patch_size, multitask=multitask, overlap=overlap,
+            blend=blend, samples=samples, device=device, progress=progress, chunk_voxels=chunk_voxels,
+            sw_batch_size=sw_batch_size, closing_radius_mm=closing_radius_mm, precision=precision, backend=backend,
+            entropy=want_entropy, skip_background=skip_background, image_head=image_head)
         return _resample_result(result, grid, field_of_view(ct, grid), float(normalization.net_to_microct(np.float32(-1.0))))
     overlap = check_overlap(overlap)
     if blend not in BLEND_MODES:
         raise MicroCTSynthError(f"The blending mode must be one of {', '.join(BLEND_MODES)}, not {blend!r}.")
-    device = resolve_device(device)
-    roi = (int(patch_size),) * 3
+    tiling = _Tiling(grid.shape, patch_size, overlap, blend, chunk_voxels)
+    device, mode = resolve_device(device), _mode(progress)
     ct_image = ct.to_sitk()
     if ct_image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
         ct_image = sitk.Cast(ct_image, sitk.sitkFloat32)
     fov = field_of_view(ct_image, grid)
     if not fov.any():
         raise MicroCTSynthError("The region of interest lies entirely outside the CT; centre it on the cochlea.")
-
     generator = generator.to(device).eval()
-    if samples > 1 and enable_dropout(generator) == 0:
-        log("The model has no dropout: all samples are equal and the uncertainty is zero.", _mode(progress))
     multitask = multitask or not image_head
-    n_images = samples if image_head else 0
-    predictor = _passes(generator, samples, multitask, image_head)
-    if samples > 1 and backend in (None, "auto"):
-        backend = "torch"  # stochastic passes keep dropout on, which only PyTorch runs
-    runner = WindowPredictor(predictor, roi, device, precision, backend)
-    batch_size = resolve_batch_size(sw_batch_size, roi, runner.device)
-    log(f"Synthesis: {runner.description}, {batch_size} window{'s' if batch_size > 1 else ''} per call.", _mode(progress))
-
-    # Work on a grid at least a window wide; the CT fills the margin (cropped at the end).
-    shape = np.asarray(grid.shape)
-    pad_before = np.maximum(np.asarray(roi) - shape, 0) // 2
-    work = np.maximum(shape, roi)
-    shape_yx = (int(work[1]), int(work[2]))
-    starts = [patch_starts(int(n), r, overlap) for n, r in zip(work, roi)]
-    weight = importance_map(roi, blend)
-    n_windows = len(starts[0]) * len(starts[1]) * len(starts[2])
-    groups = _slab_groups(starts[0], roi[0], int(work[1] * work[2]), chunk_voxels)
+    runner, batch_size = _window_runner(generator, samples, multitask, image_head, tiling.roi, device, precision,
+                                        backend, sw_batch_size, mode)
+    # Outside the CT: the darkest value of the CT window, whose network value is the floor of a window.
     outside_value = float(normalization.ct_window[0]) if hasattr(normalization, "ct_window") else -1000.0
     floor = float(np.min(normalization.ct_to_net(np.float32([outside_value, outside_value - 1.0]))))
-
-    out_microct = np.zeros(grid.shape, dtype=np.float32) if image_head else None
-    out_std = np.zeros(grid.shape, dtype=np.float32) if samples > 1 and image_head else None
-    out_labels = np.zeros(grid.shape, dtype=np.uint8) if multitask else None
-    out_entropy = np.zeros(grid.shape, dtype=np.float32) if want_entropy else None
-    passes_dir = None
-    out_passes = None
-    if samples > 1 and not multitask and want_entropy:
-        # Single-task entropy needs each pass' whole volume (Otsu is global): kept on disk.
-        passes_dir = tempfile.TemporaryDirectory(prefix="microctsynth-passes-")
-        out_passes = np.lib.format.open_memmap(os.path.join(passes_dir.name, "passes.npy"), mode="w+",
-                                               dtype=np.float32, shape=(samples, *grid.shape))
-
-    def flush(acc: _Blend, z_end: int):
-        """Write planes [acc.start, z_end) of the working grid into the outputs."""
-        z0 = acc.start
-        lo, hi = max(z0, int(pad_before[0])), min(z_end, int(pad_before[0] + shape[0]))
-        if hi <= lo:
-            return
-        src = (slice(lo - z0, hi - z0), slice(pad_before[1], pad_before[1] + shape[1]),
-               slice(pad_before[2], pad_before[2] + shape[2]))
-        dst = slice(lo - pad_before[0], hi - pad_before[0])
-        blended = acc.numerators[0][(slice(None),) + src]
-        blended /= weight_sum(lo, hi, starts, roi, weight, shape_yx)[(slice(None),) + src[1:]]
-        if image_head:
-            passes = normalization.net_to_microct(blended[:samples]).astype(np.float32)
-            out_microct[dst] = passes.mean(axis=0)
-            if out_std is not None:
-                out_std[dst] = passes.std(axis=0)
-            if out_passes is not None:
-                out_passes[:, dst] = passes
-        if multitask:
-            probabilities = blended[n_images:n_images + 3]
-            out_labels[dst] = np.argmax(probabilities, axis=0).astype(np.uint8) + AIR
-            if out_entropy is not None:
-                out_entropy[dst] = _entropy(probabilities)
-
-    progress_bar = progress if isinstance(progress, Progress) else Progress(n_windows, "synthesize", _mode(progress), unit="patch")
-    carry = None
-    skipped = 0
-    try:
-        for g, group in enumerate(groups):
-            z_lo, z_hi = group[0], group[-1] + roi[0]
-            acc = _Blend(z_lo, z_hi - z_lo, shape_yx)
-            if carry is not None and carry.numerators is not None:
-                # Partial sums of the previous slab's windows that reach into this one.
-                n_keep = carry.start + carry.depth - z_lo
-                if n_keep > 0:
-                    acc.numerators = [np.zeros((c.shape[0], acc.depth, *shape_yx), dtype=np.float32)
-                                      for c in carry.numerators]
-                    for a, c in zip(acc.numerators, carry.numerators):
-                        a[:, :n_keep] = c[:, z_lo - carry.start:]
-            carry = None  # only one slab in memory at a time
-            positions = [(z, y, x) for z in group for y in starts[1] for x in starts[2]]
-            # The CT on this slab of the working grid (indices relative to the output grid).
-            start_xyz = (-int(pad_before[2]), -int(pad_before[1]), z_lo - int(pad_before[0]))
-            size_xyz = (int(work[2]), int(work[1]), z_hi - z_lo)
-            ct_slab = _resample(ct_image, grid, start_xyz, size_xyz, sitk.sitkLinear, outside_value, sitk.sitkFloat32)
-            net_in = torch.from_numpy(np.ascontiguousarray(normalization.ct_to_net(ct_slab), dtype=np.float32))[None]
-            del ct_slab
-            _, n_skipped = _run_windows(net_in, z_lo, positions, roi, runner, batch_size, weight, acc, progress_bar,
-                                        background=floor if skip_background else None)
-            skipped += n_skipped
-            del net_in
-            z_next = groups[g + 1][0] if g + 1 < len(groups) else int(work[0])
-            flush(acc, z_next)
-            carry = acc
-        del carry
-    finally:
-        generator.eval()  # dropout off again: the caller gets the network as it was handed over
-        if not isinstance(progress, Progress):
-            progress_bar.close()
-    if skipped:
-        log(f"{skipped} of {n_windows} windows lie wholly outside the CT or in air below its window: "
-            "not run, they take the network's output for such a window.", _mode(progress))
-
-    # Outside the CT there is nothing to synthesize from: the darkest micro-CT value, label 0.
-    if out_microct is not None:
-        out_microct[~fov] = float(normalization.net_to_microct(np.float32(-1.0)))
-    if out_std is not None:
-        out_std[~fov] = 0.0
-    microct = grid.with_array(out_microct) if out_microct is not None else None
-    if multitask:
-        labels = out_labels
-    else:
-        log("Tissue map of the synthetic micro-CT: multi-Otsu and closing.", _mode(progress))
-        labels = _otsu_tissue(microct, fov, closing_radius_mm)
-        if out_entropy is not None and samples > 1:
-            counts = np.zeros((3, *grid.shape), dtype=np.uint16)
-            for k in range(samples):
-                pass_labels = _otsu_tissue(grid.with_array(np.asarray(out_passes[k])), fov, closing_radius_mm)
-                for c in range(3):
-                    counts[c] += pass_labels == c + AIR
-            out_entropy = _entropy(counts.astype(np.float32) / samples)
-            del counts
-    if passes_dir is not None:
-        del out_passes
-        passes_dir.cleanup()
-    labels[~fov] = OUTSIDE
-    if out_entropy is not None:
-        out_entropy[~fov] = 0.0
-    return SynthesisResult(microct=microct, tissue=grid.with_array(labels),
-                           std=grid.with_array(out_std) if out_std is not None else None,
-                           entropy=grid.with_array(out_entropy) if out_entropy is not None else None)
+    bar = progress if isinstance(progress, Progress) else Progress(tiling.n_windows, "synthesize", mode, unit="patch")
+    with _Outputs(grid.shape, samples, image_head, multitask, want_entropy, normalization) as outputs:
+        try:
+            skipped = _run_slabs(ct_image, grid, tiling, normalization, outside_value, runner, batch_size, outputs, bar,
+                                 floor if skip_background else None)
+        finally:
+            generator.eval()  # dropout off again: the caller gets the network as it was handed over
+            if bar is not progress:
+                bar.close()
+        if skipped:
+            log(f"{skipped} of {tiling.n_windows} windows lie wholly outside the CT or in air below its window: "
+                "not run, they take the network's output for such a window.", mode)
+        return _result(outputs, grid, fov, normalization, closing_radius_mm, mode)
 
 
 def regrid(grid: Volume, spacing_mm) -> Volume:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,6 +233,14 @@ def test_field_of_view_and_region_outside():
     # A uniform synthetic micro-CT cannot be split by Otsu: say so instead of a wrong map.
     with pytest.raises(MicroCTSynthError, match="uniform"):
         synthesize_on_grid(ct, grid, Constant(0.5), LinearNormalization(), 16)
+    # Nor are the passes a single-task entropy keeps on disk left behind: they are gone when the
+    # error arrives, not when its traceback is let go.
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("microctsynth-passes-*"))
+    with pytest.raises(MicroCTSynthError, match="uniform") as error:
+        synthesize_on_grid(ct, grid, Constant(0.5), LinearNormalization(), 16, samples=2, entropy=True)
+    assert set(Path(tempfile.gettempdir()).glob("microctsynth-passes-*")) == before and error.traceback
     with pytest.raises(MicroCTSynthError, match="outside the CT"):
         synthesize_on_grid(ct, output_grid(ct, 0.15, roi=(BLOB + 100, 2.0)), Identity(), LinearNormalization(), 16)
 
