@@ -240,9 +240,13 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.progressBar.hide()
         self.ui.placeRoiButton.connect("clicked(bool)", self.onPlaceRoi)
-        self.ui.tissueMapButton.connect("clicked(bool)", self.onTissueMap)
-        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
-        self.ui.compareButton.connect("clicked(bool)", self.onCompare)
+        # Quick steps run here, in Slicer's process; each returns its status line.
+        self.ui.tissueMapButton.connect("clicked(bool)", lambda: self._runHere(
+            "tissueMap", _("The tissue map could not be made."), self.onTissueMap))
+        self.ui.addCaseButton.connect("clicked(bool)", lambda: self._runHere(
+            "addCase", _("The case could not be added."), self.onAddCase))
+        self.ui.compareButton.connect("clicked(bool)", lambda: self._runHere(
+            "compare", _("The comparison failed."), self.onCompare))
         # Background steps: while their job runs, the button that started it reads "Cancel".
         self.ui.registerButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.registerButton, self.onRegister))
         self.ui.trainButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.trainButton, self.onTrain))
@@ -356,6 +360,13 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         return self.logic.ensurePackages(step, ask=ask)
 
+    def _runHere(self, step: str, failure: str, work) -> None:
+        """A quick step in Slicer's process: its packages made sure of first (:meth:`_ready`), an
+        error shown once (``failure`` and the error's sentence), ``work()``'s sentence on the status line."""
+        with self._showingErrors(failure):
+            if self._ready(step):
+                self.ui.statusLabel.text = work()
+
     # -- 1. inputs ----------------------------------------------------------------------------
     def onPlaceRoi(self) -> None:
         with self._showingErrors(_("Could not place the region of interest.")):
@@ -380,28 +391,22 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return job, done
 
     # -- 3. tissue map ------------------------------------------------------------------------
-    def onTissueMap(self) -> None:
+    def onTissueMap(self) -> str:
         p = self._parameterNode
-        with self._showingErrors(_("The tissue map could not be made.")):
-            if not self._ready("tissueMap"):
-                return
-            segmentation = self.logic.tissueMap(p.microCTVolume)
-            p.tissueSegmentation = segmentation
-            if not p.referenceSegmentation:
-                p.referenceSegmentation = segmentation
-            slicer.util.setSliceViewerLayers(background=p.microCTVolume, fit=True)
-            self.ui.statusLabel.text = _("Tissue map: {name}").format(name=segmentation.GetName())
+        segmentation = self.logic.tissueMap(p.microCTVolume)
+        p.tissueSegmentation = segmentation
+        if not p.referenceSegmentation:
+            p.referenceSegmentation = segmentation
+        slicer.util.setSliceViewerLayers(background=p.microCTVolume, fit=True)
+        return _("Tissue map: {name}").format(name=segmentation.GetName())
 
     # -- 4. training ---------------------------------------------------------------------------
-    def onAddCase(self) -> None:
+    def onAddCase(self) -> str:
         p = self._parameterNode
-        with self._showingErrors(_("The case could not be added.")):
-            if not self._ready("addCase"):
-                return
-            folder = self.logic.addCase(_path(p.datasetDir), p.caseName.strip(), p.ctVolume, p.microCTVolume,
-                                        p.registrationTransform, p.tissueSegmentation, group=p.group.strip(), split=p.caseSplit)
-            self.ui.statusLabel.text = _("Added case {name} ({split} of group {group}) in {folder}.").format(
-                name=p.caseName, split=p.caseSplit, group=p.group, folder=folder)
+        folder = self.logic.addCase(_path(p.datasetDir), p.caseName.strip(), p.ctVolume, p.microCTVolume,
+                                    p.registrationTransform, p.tissueSegmentation, group=p.group.strip(), split=p.caseSplit)
+        return _("Added case {name} ({split} of group {group}) in {folder}.").format(
+            name=p.caseName, split=p.caseSplit, group=p.group, folder=folder)
 
     def onTrain(self, resume: bool = False):
         if not self._ready("train"):
@@ -493,20 +498,17 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return job, done
 
     # -- 7. compare ---------------------------------------------------------------------------
-    def onCompare(self) -> None:
+    def onCompare(self) -> str:
         p = self._parameterNode
-        with self._showingErrors(_("The comparison failed.")):
-            if not self._ready("compare"):
-                return
-            segmentations = {}
-            if p.compareCGAN:
-                segmentations["cGAN"] = p.compareCGAN
-            if p.compareAtlas:
-                segmentations["Atlas"] = p.compareAtlas
-            table = self.logic.compare(p.referenceSegmentation, segmentations, referenceVolumeNode=p.microCTVolume)
-            p.comparisonTable = table
-            self.showTable(table)
-            self.ui.statusLabel.text = _("Compared: {name}").format(name=table.GetName())
+        segmentations = {}
+        if p.compareCGAN:
+            segmentations["cGAN"] = p.compareCGAN
+        if p.compareAtlas:
+            segmentations["Atlas"] = p.compareAtlas
+        table = self.logic.compare(p.referenceSegmentation, segmentations, referenceVolumeNode=p.microCTVolume)
+        p.comparisonTable = table
+        self.showTable(table)
+        return _("Compared: {name}").format(name=table.GetName())
 
     @staticmethod
     def showTable(table) -> None:

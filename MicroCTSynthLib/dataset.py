@@ -82,33 +82,43 @@ def _problems(data) -> list[str]:
     """What is wrong with the content of a ``cases.json`` (empty when nothing)."""
     if not isinstance(data, dict):
         return ["it must hold a JSON object"]
-    problems = []
     cases = data.get("cases")
     if not isinstance(cases, dict):
         return ['it has no "cases" object']
-    for name, entry in cases.items():
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            problems.append(f"the case name {name!r} is not a plain folder name")
-        if not isinstance(entry, dict):
-            problems.append(f"case '{name}' must be an object of file names, not {type(entry).__name__}")
-            continue
-        for role, rel in entry.items():
-            if role not in CASE_FILES:
-                problems.append(f"case '{name}' names an unknown file role '{role}' (known: {', '.join(CASE_FILES)})")
-            elif not isinstance(rel, str) or not rel.strip():
-                problems.append(f"case '{name}' gives its {role} as {rel!r}, not a file name")
+    problems = _member_problems(
+        cases, "case", "must be an object of file names, not {kind}", CASE_FILES,
+        "names an unknown file role '{key}' (known: " + ", ".join(CASE_FILES) + ")",
+        lambda rel: isinstance(rel, str) and bool(rel.strip()), "gives its {key} as {value!r}, not a file name",
+        name_problem=lambda name: (f"the case name {name!r} is not a plain folder name"
+                                   if not name or "/" in name or "\\" in name or name in (".", "..") else None))
     groups = data.get("groups", THESIS_GROUPS)
     if not isinstance(groups, dict):
         return problems + ['"groups" must be an object of groups']
-    for gname, g in groups.items():
-        if not isinstance(g, dict):
-            problems.append(f"group '{gname}' must be an object with train, val and test lists")
+    return problems + _member_problems(
+        groups, "group", "must be an object with train, val and test lists", SPLITS,
+        "has an unknown part '{key}' (train, val, test)",
+        lambda names: isinstance(names, list) and all(isinstance(c, str) for c in names),
+        "gives its {key} cases as {value!r}, not a list of case names")
+
+
+def _member_problems(members: dict, noun: str, not_an_object: str, known, unknown_key: str, valid, invalid: str,
+                     name_problem=lambda name: None) -> list[str]:
+    """The problems of each case or group of ``cases.json``: its name (``name_problem``), not being
+    an object, a key not in ``known``, a value ``valid`` refuses; each sentence begins with its
+    ``noun`` and name, the rest from the templates (``{kind}``, ``{key}``, ``{value}``)."""
+    problems = []
+    for name, entry in members.items():
+        said = name_problem(name)
+        if said:
+            problems.append(said)
+        if not isinstance(entry, dict):
+            problems.append(f"{noun} '{name}' " + not_an_object.format(kind=type(entry).__name__))
             continue
-        for part, names in g.items():
-            if part not in SPLITS:
-                problems.append(f"group '{gname}' has an unknown part '{part}' (train, val, test)")
-            elif not isinstance(names, list) or not all(isinstance(c, str) for c in names):
-                problems.append(f"group '{gname}' gives its {part} cases as {names!r}, not a list of case names")
+        for key, value in entry.items():
+            if key not in known:
+                problems.append(f"{noun} '{name}' " + unknown_key.format(key=key))
+            elif not valid(value):
+                problems.append(f"{noun} '{name}' " + invalid.format(key=key, value=value))
     return problems
 
 
