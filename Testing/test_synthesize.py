@@ -18,10 +18,10 @@ from MicroCTSynthLib.synthesize import (
     output_grid,
     parse_roi,
     patch_border_jump,
-    patch_starts,
     sliding_window_synthesis,
     synthesize_on_grid,
 )
+from MicroCTSynthLib.tiling import patch_starts
 from MicroCTSynthLib.volume import Volume
 
 torch.set_num_threads(2)
