@@ -25,10 +25,10 @@ from MicroCTSynthLib.networks import Generator
 from MicroCTSynthLib.synthesize import (
     field_of_view,
     output_grid,
-    patch_starts,
     sliding_window_synthesis,
     synthesize_on_grid,
 )
+from MicroCTSynthLib.tiling import patch_starts
 from MicroCTSynthLib.volume import Volume
 
 torch.set_num_threads(2)
