@@ -53,13 +53,20 @@ def _engineOnPath() -> None:
 
 _engineOnPath()
 
+from MicroCTSynthLib.choices import MODEL_KINDS  # noqa: E402
+from MicroCTSynthLib.dataset import SPLITS  # noqa: E402
 from MicroCTSynthLib.errors import MicroCTSynthError  # noqa: E402
 from MicroCTSynthLib.mrml import MicroCTSynthSceneLogic, default_roi_node, job_summary  # noqa: E402
+from MicroCTSynthLib.presets import PRESET_NAMES  # noqa: E402
 from MicroCTSynthLib.process import JobState  # noqa: E402
 
 #: Python packages the engine needs: distribution name (what pip installs) -> import name
 #: (what is looked for, without importing it). torch comes from the PyTorch extension when it
 #: is there, so that it matches the GPU and driver.
+#: These are pyproject.toml's dependencies again, and must be: the built extension installs the
+#: engine's scripts, not pyproject.toml nor a wheel's metadata, so Slicer has nothing to read
+#: them from, and it needs the import names besides. numpy is left out: Slicer ships it.
+#: Testing/test_module_static.py checks that the two lists name the same packages.
 REQUIRED_PACKAGES = {
     "torch": "torch",
     "SimpleITK": "SimpleITK",
@@ -166,14 +173,15 @@ class MicroCTSynthParameterNode:
     # 4. Training
     datasetDir: pathlib.Path
     caseName: str = "case1"
-    caseSplit: Annotated[str, Choice(["train", "val", "test"])] = "train"
+    caseSplit: Annotated[str, Choice(list(SPLITS))] = "train"
     group: str = "A"
-    model: Annotated[str, Choice(["single", "multi", "segmenter"])] = "single"
-    preset: Annotated[str, Choice(["quick", "paper", "pretrained", "tiny"])] = "quick"
+    model: Annotated[str, Choice(list(MODEL_KINDS))] = "single"
+    preset: Annotated[str, Choice(list(PRESET_NAMES))] = "quick"
     runDir: pathlib.Path
     # 5. Synthesis
     modelPath: pathlib.Path
     synthesizeOnMicroCTGrid: bool = False
+    useModelOverlap: bool = True  # the model's preset's synthesis_overlap, unless the user sets one
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
     samples: Annotated[int, WithinRange(1, 50)] = 1
     syntheticMicroCT: vtkMRMLScalarVolumeNode
@@ -232,9 +240,13 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.progressBar.hide()
         self.ui.placeRoiButton.connect("clicked(bool)", self.onPlaceRoi)
-        self.ui.tissueMapButton.connect("clicked(bool)", self.onTissueMap)
-        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
-        self.ui.compareButton.connect("clicked(bool)", self.onCompare)
+        # Quick steps run here, in Slicer's process; each returns its status line.
+        self.ui.tissueMapButton.connect("clicked(bool)", lambda: self._runHere(
+            "tissueMap", _("The tissue map could not be made."), self.onTissueMap))
+        self.ui.addCaseButton.connect("clicked(bool)", lambda: self._runHere(
+            "addCase", _("The case could not be added."), self.onAddCase))
+        self.ui.compareButton.connect("clicked(bool)", lambda: self._runHere(
+            "compare", _("The comparison failed."), self.onCompare))
         # Background steps: while their job runs, the button that started it reads "Cancel".
         self.ui.registerButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.registerButton, self.onRegister))
         self.ui.trainButton.connect("clicked(bool)", lambda: self._startOrCancel(self.ui.trainButton, self.onTrain))
@@ -314,6 +326,7 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 button.enabled = True  # it is the Cancel button now
             else:
                 button.enabled = ready and not busy
+        self.ui.overlapSliderWidget.enabled = not p.useModelOverlap
         self.ui.registerButton.toolTip = (_("Register the CT (moving) onto the micro-CT (fixed) by mutual information.")
                                           if ct and micro else _("Select a CT and a micro-CT first."))
 
@@ -347,6 +360,13 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         return self.logic.ensurePackages(step, ask=ask)
 
+    def _runHere(self, step: str, failure: str, work) -> None:
+        """A quick step in Slicer's process: its packages made sure of first (:meth:`_ready`), an
+        error shown once (``failure`` and the error's sentence), ``work()``'s sentence on the status line."""
+        with self._showingErrors(failure):
+            if self._ready(step):
+                self.ui.statusLabel.text = work()
+
     # -- 1. inputs ----------------------------------------------------------------------------
     def onPlaceRoi(self) -> None:
         with self._showingErrors(_("Could not place the region of interest.")):
@@ -371,28 +391,22 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return job, done
 
     # -- 3. tissue map ------------------------------------------------------------------------
-    def onTissueMap(self) -> None:
+    def onTissueMap(self) -> str:
         p = self._parameterNode
-        with self._showingErrors(_("The tissue map could not be made.")):
-            if not self._ready("tissueMap"):
-                return
-            segmentation = self.logic.tissueMap(p.microCTVolume)
-            p.tissueSegmentation = segmentation
-            if not p.referenceSegmentation:
-                p.referenceSegmentation = segmentation
-            slicer.util.setSliceViewerLayers(background=p.microCTVolume, fit=True)
-            self.ui.statusLabel.text = _("Tissue map: {name}").format(name=segmentation.GetName())
+        segmentation = self.logic.tissueMap(p.microCTVolume)
+        p.tissueSegmentation = segmentation
+        if not p.referenceSegmentation:
+            p.referenceSegmentation = segmentation
+        slicer.util.setSliceViewerLayers(background=p.microCTVolume, fit=True)
+        return _("Tissue map: {name}").format(name=segmentation.GetName())
 
     # -- 4. training ---------------------------------------------------------------------------
-    def onAddCase(self) -> None:
+    def onAddCase(self) -> str:
         p = self._parameterNode
-        with self._showingErrors(_("The case could not be added.")):
-            if not self._ready("addCase"):
-                return
-            folder = self.logic.addCase(_path(p.datasetDir), p.caseName.strip(), p.ctVolume, p.microCTVolume,
-                                        p.registrationTransform, p.tissueSegmentation, group=p.group.strip(), split=p.caseSplit)
-            self.ui.statusLabel.text = _("Added case {name} ({split} of group {group}) in {folder}.").format(
-                name=p.caseName, split=p.caseSplit, group=p.group, folder=folder)
+        folder = self.logic.addCase(_path(p.datasetDir), p.caseName.strip(), p.ctVolume, p.microCTVolume,
+                                    p.registrationTransform, p.tissueSegmentation, group=p.group.strip(), split=p.caseSplit)
+        return _("Added case {name} ({split} of group {group}) in {folder}.").format(
+            name=p.caseName, split=p.caseSplit, group=p.group, folder=folder)
 
     def onTrain(self, resume: bool = False):
         if not self._ready("train"):
@@ -432,7 +446,7 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         onGrid = p.synthesizeOnMicroCTGrid and p.microCTVolume
         job = self.logic.synthesize(p.ctVolume, _path(p.modelPath), roiNode=None if onGrid else p.roi,
                                     referenceNode=p.microCTVolume if onGrid else None, samples=p.samples,
-                                    overlap=p.overlap, device=p.device, wait=False)
+                                    overlap=None if p.useModelOverlap else p.overlap, device=p.device, wait=False)
 
         def done(nodes):
             p.syntheticMicroCT = nodes.microct
@@ -484,20 +498,17 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return job, done
 
     # -- 7. compare ---------------------------------------------------------------------------
-    def onCompare(self) -> None:
+    def onCompare(self) -> str:
         p = self._parameterNode
-        with self._showingErrors(_("The comparison failed.")):
-            if not self._ready("compare"):
-                return
-            segmentations = {}
-            if p.compareCGAN:
-                segmentations["cGAN"] = p.compareCGAN
-            if p.compareAtlas:
-                segmentations["Atlas"] = p.compareAtlas
-            table = self.logic.compare(p.referenceSegmentation, segmentations, referenceVolumeNode=p.microCTVolume)
-            p.comparisonTable = table
-            self.showTable(table)
-            self.ui.statusLabel.text = _("Compared: {name}").format(name=table.GetName())
+        segmentations = {}
+        if p.compareCGAN:
+            segmentations["cGAN"] = p.compareCGAN
+        if p.compareAtlas:
+            segmentations["Atlas"] = p.compareAtlas
+        table = self.logic.compare(p.referenceSegmentation, segmentations, referenceVolumeNode=p.microCTVolume)
+        p.comparisonTable = table
+        self.showTable(table)
+        return _("Compared: {name}").format(name=table.GetName())
 
     @staticmethod
     def showTable(table) -> None:

@@ -35,7 +35,7 @@ import SimpleITK as sitk
 from .dataset import Dataset
 from .errors import MicroCTSynthError
 from .labels import PRIORITY, TISSUE_LABELS
-from .progress import Progress, emit_json
+from .progress import Progress, report_result
 from .volume import Volume, read_volume, write_volume
 
 #: Histogram bins of Mattes mutual information.
@@ -451,9 +451,7 @@ def command_atlas(args: argparse.Namespace) -> int:
     result = atlas_segment(target_ct, atlases, reference, target_transform=target_transform, progress=args.progress)
     write_volume(result, out)
     seconds = time.monotonic() - start
-    if args.progress == "json":
-        emit_json("result", task="atlas", outputs={"tissue": str(out)}, atlases=[a.name for a in atlases],
+    report_result(args.progress, f"Atlas tissue map from {', '.join(a.name for a in atlases)} written to {out} "
+                  f"({seconds:.0f} s).", outputs={"tissue": str(out)}, task="atlas", atlases=[a.name for a in atlases],
                   seconds=round(seconds, 1))
-    else:
-        print(f"Atlas tissue map from {', '.join(a.name for a in atlases)} written to {out} ({seconds:.0f} s).")
     return 0

@@ -3,7 +3,8 @@
 A checkpoint is one dict::
 
     {"format": "microctsynth-checkpoint", "format_version": 1,
-     "model": "single" | "multi", "epoch": epochs done, "generator": state_dict, "discriminator": state_dict,
+     "model": "single" | "multi" | "segmenter", "epoch": epochs done, "generator": state_dict,
+     "discriminator": state_dict (None for the segmenter),
      "optimizer_G", "optimizer_D", "scheduler_G", "scheduler_D": their state_dicts,
      "rng": {"torch": ByteTensor, "numpy": {...}, "python": [...], "cuda": [...], "ranks": [...]},
      "generator_args": Generator.arguments, "discriminator_args": Discriminator.arguments,

@@ -3,57 +3,61 @@
 The same entry point serves a terminal, a headless server, ``torchrun`` and the Slicer
 module's background process (``PythonSlicer -m MicroCTSynthLib ... --progress json``).
 
-Each command's arguments are declared here; the work is done by ``command_<name>(args)`` in
-the engine module named in :data:`COMMANDS`, imported only when that command runs so that
-``--help`` answers at once. A :class:`MicroCTSynthError` ends the run with its sentence on
-stderr (and as a JSON ``error`` event with ``--progress json``) and exit status 2; so does a
-failed write (full disk, read-only folder) and a lack of memory. SIGTERM ends a job as Ctrl-C
-does: a message, every file written so far complete (writes are atomic), exit status 143.
+:data:`COMMANDS` is the table of subcommands. Each :class:`Command` holds its help line, the
+function declaring its arguments (``_<name>_arguments``), the function running it
+(``_run_<name>``, which imports the engine's ``command_<name>`` only when that command runs, so
+that ``--help`` answers at once), the files it reads and writes and any lock it holds.
 
-Before a command runs, :data:`FILES` names its inputs and outputs: an output that is an input,
-another output or a folder is refused (:func:`~MicroCTSynthLib.safety.check_outputs`), and a
-volume output's ending is checked, so no work is done for a file that cannot be written.
+A :class:`MicroCTSynthError` ends the run with its sentence on stderr (and as a JSON ``error``
+event with ``--progress json``) and exit status 2; so does a failed write (full disk, read-only
+folder) and a lack of memory. SIGTERM ends a job as Ctrl-C does: a message, every file written
+so far complete (writes are atomic), exit status 143.
+
+Before a command runs, its :class:`CommandFiles` name its inputs and outputs: an output that is
+an input, another output or a folder is refused (:func:`~MicroCTSynthLib.safety.check_outputs`),
+and a volume output's ending is checked, so no work is done for a file that cannot be written.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import re
+import shlex
 import signal
 import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Optional
 
 from . import __version__
+from .choices import BACKENDS, BLEND_MODES, MODEL_KINDS, PRECISIONS
 from .errors import MicroCTSynthError
+from .presets import PRESET_NAMES
 from .progress import MODES, emit_json
 
-#: command -> (engine module, one-line help)
-COMMANDS = {
-    "phantom": ("phantom", "make the inner-ear phantom: paired CT / micro-CT specimens with their true tissue maps"),
-    "register": ("registration", "register a CT (moving) onto a micro-CT (fixed) with Mattes mutual information"),
-    "tissue-map": ("tissue", "make the air / soft tissue / bone map of a micro-CT (multi-Otsu + closing)"),
-    "prepare": ("prepare", "the thesis' pre-processing of every case: registration, resampled CT, tissue maps"),
-    "evaluate": ("metrics", "Dice, HD95 per class and the perceptual error of a prediction"),
-    "train": ("train", "train the single-task or multitask 3D cGAN (or the direct segmenter) on a leave-2-out group"),
-    "synthesize": ("synthesize", "synthesize micro-CT and tissue map from a CT with a trained model"),
-    "atlas": ("atlas", "the atlas baseline: register atlas CTs, warp their tissue maps, majority vote"),
-    "experiment": ("experiment", "the thesis' leave-2-out experiment: train, synthesize, baselines, report"),
-    "demo": ("experiment", "phantom -> prepare -> experiment on group A with the shipped models -> report"),
-    "models": ("experiment", "list the shipped trained models and what their cards say"),
-}
+
+@dataclass(frozen=True)
+class CommandFiles:
+    """The options naming a command's files, by argparse dest: what it reads, what it writes, which
+    of its outputs are volumes (their ending is checked), and a dataset option whose every file
+    counts as an input."""
+
+    inputs: tuple = ()
+    outputs: tuple = ()
+    volumes: tuple = ()
+    dataset: Optional[str] = None
 
 
-#: command -> (input options, output options, volume outputs), by argparse dest
-FILES = {
-    "register": (("fixed", "moving", "init", "landmarks_fixed", "landmarks_moving"), ("out_transform", "out_resampled"),
-                 ("out_resampled",)),
-    "tissue-map": (("microct",), ("out",), ("out",)),
-    "evaluate": (("reference", "prediction", "microct", "synthetic"), ("json",), ()),
-    "synthesize": (("model", "ct", "reference_grid"), ("out_microct", "out_tissue", "uncertainty", "entropy"),
-                   ("out_microct", "out_tissue", "uncertainty", "entropy")),
-    "atlas": (("ct", "reference_grid", "target_transform"), ("out",), ("out",)),
-}
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its help line, its arguments, what runs it, its files and the lock it holds."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    files: CommandFiles = CommandFiles()
+    #: What the command holds while it runs (the phantom: its dataset folder's lock).
+    guard: Optional[Callable[[argparse.Namespace], ContextManager]] = None
+
 
 #: Exit status of a job ended by SIGTERM (128 + 15), as a shell reports it.
 EXIT_SIGTERM = 143
@@ -72,15 +76,13 @@ def check_files(args: argparse.Namespace) -> None:
     from .safety import check_outputs
     from .volume import check_output_name
 
-    if args.command not in FILES:
-        return
-    inputs, outputs, volumes = FILES[args.command]
-    ins = {_option(k): getattr(args, k, None) for k in inputs}
-    if args.command == "atlas":
-        ins.update(_dataset_files(args.data))
-    check_outputs(ins, {_option(k): getattr(args, k, None) for k in outputs})
-    for k in volumes:
-        if getattr(args, k, None):
+    files = COMMANDS[args.command].files
+    ins = {_option(k): getattr(args, k) for k in files.inputs}
+    if files.dataset:
+        ins.update(_dataset_files(getattr(args, files.dataset)))
+    check_outputs(ins, {_option(k): getattr(args, k) for k in files.outputs})
+    for k in files.volumes:
+        if getattr(args, k):
             check_output_name(getattr(args, k))
 
 
@@ -99,16 +101,14 @@ def _dataset_files(data) -> dict:
     return files
 
 
-def _guard(args: argparse.Namespace):
-    """The lock and checks a command needs before its engine runs (phantom: its dataset folder)."""
-    if args.command != "phantom":
-        return nullcontext()
+def _phantom_guard(args: argparse.Namespace):
+    """A phantom's dataset folder: refused if it holds a dataset (unless --overwrite), locked while written."""
     from .dataset import refuse_existing_dataset
-    from .progress import log
+    from .progress import warn
     from .safety import FolderLock
 
-    refuse_existing_dataset(args.out, getattr(args, "overwrite", False))
-    return FolderLock(args.out, "dataset folder", log=lambda m: log(m, "json" if args.progress == "json" else "bar"))
+    refuse_existing_dataset(args.out, args.overwrite)
+    return FolderLock(args.out, "dataset folder", log=lambda m: warn(m, args.progress))
 
 
 def _on_sigterm(signum, frame):
@@ -131,11 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        command.arguments(sub.add_parser(name, help=command.help, description=command.help))
+    return parser
 
-    def add(name: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=COMMANDS[name][1], description=COMMANDS[name][1])
 
-    p = add("phantom")
+# -- phantom ---------------------------------------------------------------------------------------
+def _phantom_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="dataset folder to write (one sub-folder per specimen, cases.json)")
     p.add_argument("--preset", default="quick", help="paper (37.6 um micro-CT), quick (75.2 um) or tiny")
     p.add_argument("--seed", type=int, default=0, help="base seed; each specimen derives its own from it")
@@ -146,7 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "far: well outside (same anatomy), to test a model on scanners it was not trained on")
     _progress(p)
 
-    p = add("register")
+
+def _run_phantom(args: argparse.Namespace) -> int:
+    from .phantom import command_phantom
+
+    return command_phantom(args)
+
+
+# -- register --------------------------------------------------------------------------------------
+def _register_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed", required=True, help="the micro-CT (fixed image)")
     p.add_argument("--moving", required=True, help="the CT (moving image)")
     init = p.add_mutually_exclusive_group()
@@ -159,31 +169,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--downsample", type=int, default=1, choices=(1, 2), help="resample onto the micro-CT grid x2 downsampled")
     _progress(p)
 
-    p = add("tissue-map")
+
+def _run_register(args: argparse.Namespace) -> int:
+    from .registration import command_register
+
+    return command_register(args)
+
+
+# -- tissue-map ------------------------------------------------------------------------------------
+def _tissue_map_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--microct", required=True, help="micro-CT volume")
     p.add_argument("--out", required=True, help="tissue map to write (labels 0 outside, 1 air, 2 soft tissue, 3 bone)")
     p.add_argument("--closing-radius", type=float, default=None, help="radius of each class' binary closing in mm")
 
-    p = add("prepare")
+
+def _run_tissue_map(args: argparse.Namespace) -> int:
+    from .tissue import command_tissue_map
+
+    return command_tissue_map(args)
+
+
+# -- prepare ---------------------------------------------------------------------------------------
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset folder with cases.json")
     p.add_argument("--cases", default=None, help="comma-separated cases (default: all)")
     p.add_argument("--affine", action="store_true", help="add an affine stage after the rigid one")
     p.add_argument("--force", action="store_true", help="redo cases that already have their outputs")
     _progress(p)
 
-    p = add("evaluate")
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from .prepare import command_prepare
+
+    return command_prepare(args)
+
+
+# -- evaluate --------------------------------------------------------------------------------------
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", required=True, help="reference tissue map")
     p.add_argument("--prediction", required=True, help="predicted tissue map (same grid)")
     p.add_argument("--microct", help="micro-CT, for the perceptual error (Eq. 8)")
     p.add_argument("--synthetic", help="synthetic micro-CT, for the perceptual error (Eq. 8)")
     p.add_argument("--json", help="write the metrics as JSON here")
 
-    p = add("train")
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .metrics import command_evaluate
+
+    return command_evaluate(args)
+
+
+# -- train -----------------------------------------------------------------------------------------
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared dataset folder")
     p.add_argument("--group", default="A", help="leave-2-out group of cases.json (A, B, C or your own)")
-    p.add_argument("--model", choices=("single", "multi", "segmenter"), default="single",
+    p.add_argument("--model", choices=MODEL_KINDS, default="single",
                    help="single-task or multitask cGAN, or the direct segmenter (MONAI DynUNet)")
-    p.add_argument("--preset", default="quick", help="paper, quick, tiny or a preset JSON file")
+    p.add_argument("--preset", default="quick", help=f"{', '.join(PRESET_NAMES)} or a preset JSON file")
     p.add_argument("--out", required=True, help="run folder (checkpoints, TensorBoard events, pictures)")
     p.add_argument("--epochs-constant", type=int, default=None, help="epochs at the initial learning rate (preset: n_epochs)")
     p.add_argument("--epochs-decay", type=int, default=None, help="epochs of linear decay to 0 (preset: n_epochs_decay)")
@@ -198,31 +240,57 @@ def build_parser() -> argparse.ArgumentParser:
     _device(p)
     _progress(p)
 
-    p = add("synthesize")
-    # LPS coordinates are often negative: let "-12.3,4,5" be a value of --roi, not an option.
-    p._negative_number_matcher = re.compile(r"^-\d[\d.,eE+-]*$|^-\.\d[\d.,eE+-]*$")
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import command_train
+
+    return command_train(args)
+
+
+#: What ``synthesize --roi CENTER SIZE`` (the older form of --roi-center and --roi-size) says.
+DEPRECATED_ROI = ("--roi CENTER SIZE is deprecated and goes in the next release: write --roi-center=X,Y,Z "
+                  "--roi-size=S (or SX,SY,SZ) instead.")
+
+#: The volumes synthesize writes, by argparse dest.
+SYNTHESIS_OUTPUTS = ("out_microct", "out_tissue", "uncertainty", "entropy")
+
+
+# -- synthesize ------------------------------------------------------------------------------------
+def _synthesize_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("A centre or size that starts with a minus sign goes after '=': --roi-center=-12.3,4,5. "
+                f"{DEPRECATED_ROI}")
     p.add_argument("--model", required=True, help="checkpoint of a trained model (RUN/best.pt)")
     p.add_argument("--ct", required=True, help="the CT (any orientation and spacing)")
     p.add_argument("--out-microct", default=None, help="synthetic micro-CT to write (a cGAN; the segmenter makes none)")
     p.add_argument("--out-tissue", required=True, help="tissue map to write")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--roi", nargs=2, metavar=("CENTER_MM", "SIZE_MM"),
-                       help="region of interest: centre 'x,y,z' (LPS mm) and size 'sx,sy,sz' or one number (mm)")
+    where.add_argument("--roi-center", metavar="X,Y,Z", help="centre of the region of interest (LPS mm)")
     where.add_argument("--reference-grid", help="synthesize on this volume's grid (e.g. the registered micro-CT)")
-    p.add_argument("--overlap", type=float, default=0.5, help="patch overlap fraction in [0, 1); 0 = the thesis' tiling")
-    p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian", help="how overlapping patches are blended")
+    p.add_argument("--roi-size", metavar="S|SX,SY,SZ", help="size of the region of interest (mm): one edge or three")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="window overlap, a fraction in [0, 1) (default: the model's preset's synthesis_overlap); "
+                        "0 = the thesis' tiling")
+    p.add_argument("--blend", choices=BLEND_MODES, default="gaussian", help="how overlapping patches are blended")
     p.add_argument("--uncertainty", help="write the voxel-wise standard deviation of N stochastic passes here")
     p.add_argument("--entropy", help="write the tissue map's entropy of N stochastic passes here")
     p.add_argument("--samples", type=int, default=1, help="stochastic passes with dropout on (uncertainty)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 where the CPU or GPU computes it natively, else fp32")
-    p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: OpenVINO on the CPU when installed (pip install openvino), else PyTorch")
     p.add_argument("--sw-batch-size", default="auto", metavar="N", help="windows per network call (auto: by window size)")
     _device(p)
     _progress(p)
 
-    p = add("atlas")
+
+def _run_synthesize(args: argparse.Namespace) -> int:
+    from .synthesize import command_synthesize
+
+    return command_synthesize(args)
+
+
+# -- atlas -----------------------------------------------------------------------------------------
+def _atlas_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ct", required=True, help="target CT")
     p.add_argument("--data", required=True, help="dataset folder holding the atlas cases")
     p.add_argument("--atlases", default=None, help="comma-separated atlas cases (default: the group's training cases)")
@@ -232,18 +300,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="atlas tissue map to write")
     _progress(p)
 
-    p = add("experiment")
+
+def _run_atlas(args: argparse.Namespace) -> int:
+    from .atlas import command_atlas
+
+    return command_atlas(args)
+
+
+# -- experiment ------------------------------------------------------------------------------------
+def _experiment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared dataset folder")
     p.add_argument("--out", required=True, help="experiment folder (runs, results.csv, report)")
     p.add_argument("--preset", default="quick")
     p.add_argument("--groups", default="A,B,C")
-    p.add_argument("--models", default="single,multi", help="comma-separated: single, multi, segmenter")
+    p.add_argument("--models", default="single,multi", help=f"comma-separated: {', '.join(MODEL_KINDS)}")
     p.add_argument("--pretrained", action="store_true",
                    help="score the shipped models (microctsynth models) instead of training; all asked for must be shipped")
     _device(p)
     _progress(p)
 
-    p = add("demo")
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from .experiment import command_experiment
+
+    return command_experiment(args)
+
+
+# -- demo ------------------------------------------------------------------------------------------
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for the phantom, the runs and the report")
     p.add_argument("--preset", default="quick", help="the phantom's preset, and with --train the training preset")
     p.add_argument("--seed", type=int, default=0, help="the phantom's seed")
@@ -252,22 +336,86 @@ def build_parser() -> argparse.ArgumentParser:
     _device(p)
     _progress(p)
 
-    p = add("models")
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .experiment import command_demo
+
+    return command_demo(args)
+
+
+# -- models ----------------------------------------------------------------------------------------
+def _models_arguments(p: argparse.ArgumentParser) -> None:
     _progress(p)
-    return parser
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from .experiment import command_models
+
+    return command_models(args)
+
+
+#: The subcommands, in the order ``--help`` lists them.
+COMMANDS = {
+    "phantom": Command(
+        "make the inner-ear phantom: paired CT / micro-CT specimens with their true tissue maps",
+        _phantom_arguments, _run_phantom, guard=_phantom_guard),
+    "register": Command(
+        "register a CT (moving) onto a micro-CT (fixed) with Mattes mutual information",
+        _register_arguments, _run_register,
+        CommandFiles(inputs=("fixed", "moving", "init", "landmarks_fixed", "landmarks_moving"),
+                     outputs=("out_transform", "out_resampled"), volumes=("out_resampled",))),
+    "tissue-map": Command(
+        "make the air / soft tissue / bone map of a micro-CT (multi-Otsu + closing)",
+        _tissue_map_arguments, _run_tissue_map, CommandFiles(inputs=("microct",), outputs=("out",), volumes=("out",))),
+    "prepare": Command(
+        "the thesis' pre-processing of every case: registration, resampled CT, tissue maps",
+        _prepare_arguments, _run_prepare),
+    "evaluate": Command(
+        "Dice, HD95 per class and the perceptual error of a prediction",
+        _evaluate_arguments, _run_evaluate,
+        CommandFiles(inputs=("reference", "prediction", "microct", "synthetic"), outputs=("json",))),
+    "train": Command(
+        "train the single-task or multitask 3D cGAN (or the direct segmenter) on a leave-2-out group",
+        _train_arguments, _run_train),
+    "synthesize": Command(
+        "synthesize micro-CT and tissue map from a CT with a trained model",
+        _synthesize_arguments, _run_synthesize,
+        CommandFiles(inputs=("model", "ct", "reference_grid"), outputs=SYNTHESIS_OUTPUTS, volumes=SYNTHESIS_OUTPUTS)),
+    "atlas": Command(
+        "the atlas baseline: register atlas CTs, warp their tissue maps, majority vote",
+        _atlas_arguments, _run_atlas,
+        CommandFiles(inputs=("ct", "reference_grid", "target_transform"), outputs=("out",), volumes=("out",),
+                     dataset="data")),
+    "experiment": Command(
+        "the thesis' leave-2-out experiment: train, synthesize, baselines, report",
+        _experiment_arguments, _run_experiment),
+    "demo": Command(
+        "phantom -> prepare -> experiment on group A with the shipped models -> report",
+        _demo_arguments, _run_demo),
+    "models": Command(
+        "list the shipped trained models and what their cards say",
+        _models_arguments, _run_models),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``microctsynth ARGV``; the command gets the parsed options and ``command_line``, the
+    line itself (a training run keeps it in its ``command.txt``)."""
     parser = build_parser()
+    argv, deprecated = _rewrite_deprecated_roi(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
-    module = importlib.import_module(f".{COMMANDS[args.command][0]}", __package__)
-    handler = getattr(module, "command_" + args.command.replace("-", "_"))
-    json_mode = getattr(args, "progress", None) == "json"
+    args.command_line = shlex.join(["microctsynth", *argv])
+    command = COMMANDS[args.command]
+    json_mode = getattr(args, "progress", None) == "json"  # tissue-map and evaluate have no --progress
     previous = _install(signal.SIGTERM, _on_sigterm)
     try:
+        if deprecated:
+            from .progress import warn
+
+            warn(DEPRECATED_ROI, args.progress)
         check_files(args)
-        with _guard(args):
-            return int(handler(args) or 0)
+        with command.guard(args) if command.guard else nullcontext():
+            return int(command.run(args) or 0)
     except MicroCTSynthError as exc:
         return _fail(args.command, str(exc), json_mode)
     except OSError as exc:
@@ -291,6 +439,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _rewrite_deprecated_roi(argv: list[str]) -> tuple[list[str], bool]:
+    """``synthesize ... --roi CENTER SIZE`` (the form before --roi-center and --roi-size) as
+    ``--roi-center=CENTER --roi-size=SIZE``, and whether it was there. Read before argparse, so a
+    centre starting with a minus sign stays a value; this goes with the old form in the next release."""
+    if not argv or argv[0] != "synthesize" or "--roi" not in argv[:-2]:
+        return argv, False
+    i = argv.index("--roi")
+    return argv[:i] + [f"--roi-center={argv[i + 1]}", f"--roi-size={argv[i + 2]}"] + argv[i + 3:], True
 
 
 def _install(signum, handler):

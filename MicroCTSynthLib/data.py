@@ -4,11 +4,13 @@ The thesis trains on 96³ patches of the CT registered onto the micro-CT grid (i
 micro-CT (target B), with the micro-CT's tissue map for the weighted L1 (Eq. 2) and the Dice
 loss (Eq. 4):
 
-- training patches overlap by ``train_patch_overlap`` voxels (24: stride 72); validation and
-  test patches do not overlap (``eval_patch_overlap`` 0);
-- the tiling covers the bounding box of the micro-CT field of view (tissue label > 0); the last
-  patch of a row is shifted inward so it ends at the box's edge, a volume smaller than a patch is
-  padded (CT and micro-CT with -1, the net's floor; tissue with 0, which the losses ignore);
+- training patches overlap by ``train_patch_overlap`` (a fraction of the patch, as every overlap
+  of :mod:`tiling`: the thesis' 24 of 96 voxels is 0.25, windows every 72); validation and test
+  patches do not overlap (``eval_patch_overlap`` 0);
+- the tiling (:func:`~MicroCTSynthLib.tiling.patch_starts`) covers the bounding box of the
+  micro-CT field of view (tissue label > 0); the last patch of a row is shifted inward so it ends
+  at the box's edge, a volume smaller than a patch is padded (CT and micro-CT with -1, the net's
+  floor; tissue with 0, which the losses ignore);
 - patches that lie wholly outside the field of view (tissue all 0) are skipped;
 - optional ×2 downsampling of both images (the thesis' multitask setting): images by block
   average, tissue maps by the most frequent label of each block;
@@ -34,10 +36,11 @@ from torch.utils.data import DistributedSampler
 from .dataset import Dataset
 from .errors import MicroCTSynthError
 from .labels import OUTSIDE
+from .tiling import check_overlap, patch_starts
 from .volume import Volume, read_volume
 
 __all__ = ["Normalization", "CasePair", "downsample_image", "downsample_labels", "downsample_volume",
-           "axis_starts", "patch_grid", "load_case", "load_split", "PatchDataset", "PatchSampler",
+           "patch_grid", "load_case", "load_split", "PatchDataset", "PatchSampler",
            "patch_sampler", "build_datasets"]
 
 #: Padding value of images in network units: the bottom of the [-1, 1] range.
@@ -196,44 +199,18 @@ def downsample_volume(volume: Volume, factor: int = 2, labels: bool = False) -> 
 
 
 # -- patch tiling ----------------------------------------------------------------------------------
-def axis_starts(lo: int, hi: int, size: int, patch: int, stride: int) -> list[int]:
-    """Patch starts along one axis covering [lo, hi) of an axis of ``size`` voxels.
-
-    Starts every ``stride`` voxels from ``lo``; the last patch is shifted inward to end at
-    ``max(hi, lo + patch)`` and every patch is kept inside [0, size) when the axis is long enough.
-    """
-    if stride < 1:
-        raise MicroCTSynthError(f"The patch stride must be at least one voxel (patch {patch}, stride {stride}).")
-    if size <= patch:
-        return [0]
-    lo = min(max(lo, 0), size - patch)
-    end = min(max(hi, lo + patch), size)
-    starts = []
-    s = lo
-    while True:
-        if s + patch >= end:
-            starts.append(max(min(end - patch, size - patch), 0))
-            break
-        starts.append(s)
-        s += stride
-    return sorted(set(starts))
-
-
-def patch_grid(tissue: np.ndarray, patch_size: int, overlap: int = 0) -> list[tuple[int, int, int]]:
-    """Starts (z, y, x) of the patches tiling the field of view (tissue > 0) with ``overlap`` voxels
-    of overlap; patches without any field-of-view voxel are left out."""
-    patch_size, overlap = int(patch_size), int(overlap)
-    if overlap < 0 or overlap >= patch_size:
-        raise MicroCTSynthError(f"The patch overlap must lie in [0, {patch_size}) voxels, not {overlap}.")
+def patch_grid(tissue: np.ndarray, patch_size: int, overlap: float = 0.0) -> list[tuple[int, int, int]]:
+    """Starts (z, y, x) of the patches tiling the field of view (tissue > 0), ``overlap`` a fraction
+    of the patch (:mod:`tiling`); patches without any field-of-view voxel are left out."""
+    patch_size, overlap = int(patch_size), check_overlap(overlap)
     fov = np.asarray(tissue) > OUTSIDE
     if not fov.any():
         return []
-    stride = patch_size - overlap
     axes = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
         present = np.flatnonzero(fov.any(axis=other))
-        axes.append(axis_starts(int(present[0]), int(present[-1]) + 1, fov.shape[axis], patch_size, stride))
+        axes.append(patch_starts(fov.shape[axis], patch_size, overlap, int(present[0]), int(present[-1]) + 1))
     starts = []
     for z in axes[0]:
         for y in axes[1]:
@@ -296,12 +273,12 @@ class PatchDataset(torch.utils.data.Dataset):
     (micro-CT), float (1, p, p, p) in [-1, 1]; ``tissue``, int64 (1, p, p, p); ``case`` (index into
     :attr:`names`) and ``start`` (z, y, x)."""
 
-    def __init__(self, cases: Sequence[CasePair], normalization: Normalization, patch_size: int, overlap: int = 0):
+    def __init__(self, cases: Sequence[CasePair], normalization: Normalization, patch_size: int, overlap: float = 0.0):
         self.patch_size = int(patch_size)
         if self.patch_size < 8 or self.patch_size % 4:
             raise MicroCTSynthError(f"The patch size must be a multiple of 4 and at least 8 voxels, not {patch_size}.")
         self.names = [c.name for c in cases]
-        self.overlap = int(overlap)
+        self.overlap = check_overlap(overlap)
         self.images, self.index = [], []
         for i, c in enumerate(cases):
             p = self.patch_size
@@ -396,10 +373,10 @@ def build_datasets(data_dir, group: str, preset: dict, normalization: Normalizat
         for c in train_cases + val_cases:
             c.ct = normalization.calibrate(c.ct)
     patch = int(preset["patch_size"])
-    train = PatchDataset(train_cases, normalization, patch, int(preset.get("train_patch_overlap", 0)))
+    train = PatchDataset(train_cases, normalization, patch, preset.get("train_patch_overlap", 0.0))
     if len(train) == 0:
         raise MicroCTSynthError(f"Group {group}'s training cases have no patch inside the micro-CT field of view.")
-    val = PatchDataset(val_cases, normalization, patch, int(preset.get("eval_patch_overlap", 0))) if val_cases else None
+    val = PatchDataset(val_cases, normalization, patch, preset.get("eval_patch_overlap", 0.0)) if val_cases else None
     native = tuple(s / factor for s in train_cases[0].spacing)
     return {"train": train, "val": val, "normalization": normalization, "spacing_mm": native,
             "downsample": factor, "cases": split,

@@ -56,6 +56,9 @@ CASE_FILES = {
 
 CASES_FILE = "cases.json"
 
+#: The parts of a leave-k-out group, in the order ``cases.json`` lists them.
+SPLITS = ("train", "val", "test")
+
 
 def inside(root, rel, what: str = "A path") -> Path:
     """``root / rel``, refused unless it is relative and stays inside ``root`` (symbolic links followed)."""
@@ -79,33 +82,43 @@ def _problems(data) -> list[str]:
     """What is wrong with the content of a ``cases.json`` (empty when nothing)."""
     if not isinstance(data, dict):
         return ["it must hold a JSON object"]
-    problems = []
     cases = data.get("cases")
     if not isinstance(cases, dict):
         return ['it has no "cases" object']
-    for name, entry in cases.items():
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            problems.append(f"the case name {name!r} is not a plain folder name")
-        if not isinstance(entry, dict):
-            problems.append(f"case '{name}' must be an object of file names, not {type(entry).__name__}")
-            continue
-        for role, rel in entry.items():
-            if role not in CASE_FILES:
-                problems.append(f"case '{name}' names an unknown file role '{role}' (known: {', '.join(CASE_FILES)})")
-            elif not isinstance(rel, str) or not rel.strip():
-                problems.append(f"case '{name}' gives its {role} as {rel!r}, not a file name")
+    problems = _member_problems(
+        cases, "case", "must be an object of file names, not {kind}", CASE_FILES,
+        "names an unknown file role '{key}' (known: " + ", ".join(CASE_FILES) + ")",
+        lambda rel: isinstance(rel, str) and bool(rel.strip()), "gives its {key} as {value!r}, not a file name",
+        name_problem=lambda name: (f"the case name {name!r} is not a plain folder name"
+                                   if not name or "/" in name or "\\" in name or name in (".", "..") else None))
     groups = data.get("groups", THESIS_GROUPS)
     if not isinstance(groups, dict):
         return problems + ['"groups" must be an object of groups']
-    for gname, g in groups.items():
-        if not isinstance(g, dict):
-            problems.append(f"group '{gname}' must be an object with train, val and test lists")
+    return problems + _member_problems(
+        groups, "group", "must be an object with train, val and test lists", SPLITS,
+        "has an unknown part '{key}' (train, val, test)",
+        lambda names: isinstance(names, list) and all(isinstance(c, str) for c in names),
+        "gives its {key} cases as {value!r}, not a list of case names")
+
+
+def _member_problems(members: dict, noun: str, not_an_object: str, known, unknown_key: str, valid, invalid: str,
+                     name_problem=lambda name: None) -> list[str]:
+    """The problems of each case or group of ``cases.json``: its name (``name_problem``), not being
+    an object, a key not in ``known``, a value ``valid`` refuses; each sentence begins with its
+    ``noun`` and name, the rest from the templates (``{kind}``, ``{key}``, ``{value}``)."""
+    problems = []
+    for name, entry in members.items():
+        said = name_problem(name)
+        if said:
+            problems.append(said)
+        if not isinstance(entry, dict):
+            problems.append(f"{noun} '{name}' " + not_an_object.format(kind=type(entry).__name__))
             continue
-        for part, names in g.items():
-            if part not in ("train", "val", "test"):
-                problems.append(f"group '{gname}' has an unknown part '{part}' (train, val, test)")
-            elif not isinstance(names, list) or not all(isinstance(c, str) for c in names):
-                problems.append(f"group '{gname}' gives its {part} cases as {names!r}, not a list of case names")
+        for key, value in entry.items():
+            if key not in known:
+                problems.append(f"{noun} '{name}' " + unknown_key.format(key=key))
+            elif not valid(value):
+                problems.append(f"{noun} '{name}' " + invalid.format(key=key, value=value))
     return problems
 
 
@@ -117,14 +130,15 @@ def validate(data, path) -> None:
         raise MicroCTSynthError(f"'{path}' is not a valid dataset description: {problems[0]}{more}.")
 
 
-def leave_k_out_groups(groups: dict | None = None) -> dict:
-    """The groups of ``cases.json`` (default: the thesis' Table 1), checked for overlap."""
+def leave_k_out_groups(groups: dict | None = None, complete: bool = True) -> dict:
+    """The groups of ``cases.json`` (default: the thesis' Table 1), checked for overlap; with
+    ``complete`` each needs a training case (not while a group is being built case by case)."""
     groups = THESIS_GROUPS if groups is None else groups
     for name, g in groups.items():
-        parts = [set(g.get(k, [])) for k in ("train", "val", "test")]
+        parts = [set(g.get(k, [])) for k in SPLITS]
         if parts[0] & parts[2] or parts[1] & parts[2] or parts[0] & parts[1]:
             raise MicroCTSynthError(f"Group {name} uses a specimen in more than one of train, val and test.")
-        if not parts[0]:
+        if complete and not parts[0]:
             raise MicroCTSynthError(f"Group {name} has no training case.")
     return groups
 
@@ -147,7 +161,9 @@ class Dataset:
         self.data = data
 
     @classmethod
-    def load(cls, root) -> "Dataset":
+    def load(cls, root, complete: bool = True) -> "Dataset":
+        """The dataset in ``root``, its ``cases.json`` checked (schema, paths inside the folder,
+        groups; see :func:`leave_k_out_groups` for ``complete``)."""
         root = Path(root)
         path = root / CASES_FILE
         if not path.is_file():
@@ -160,12 +176,20 @@ class Dataset:
             raise MicroCTSynthError(f"'{path}' is not valid JSON: {exc}.") from None
         validate(data, path)
         data.setdefault("groups", THESIS_GROUPS)
-        leave_k_out_groups(data["groups"])
+        leave_k_out_groups(data["groups"], complete)
         dataset = cls(root, data)
         for case, entry in data["cases"].items():
             for role in entry:
                 dataset.path(case, role, must_exist=False)  # every path inside the folder, or a sentence now
         return dataset
+
+    @classmethod
+    def open(cls, root) -> "Dataset":
+        """The dataset in ``root`` to add cases to, checked as :meth:`load` checks it except that a
+        group may still lack its training case; a new one without groups if ``root`` holds none."""
+        if (Path(root) / CASES_FILE).is_file():
+            return cls.load(root, complete=False)
+        return cls.create(root, groups={})
 
     @classmethod
     def create(cls, root, cases=(), groups=None, **extra) -> "Dataset":
@@ -213,7 +237,19 @@ class Dataset:
         if name not in self.groups:
             raise MicroCTSynthError(f"Group '{name}' is not defined in {self.root / CASES_FILE}; it has {', '.join(self.groups)}.")
         g = self.groups[name]
-        missing = [c for k in ("train", "val", "test") for c in g.get(k, []) if c not in self.data["cases"]]
+        missing = [c for k in SPLITS for c in g.get(k, []) if c not in self.data["cases"]]
         if missing:
             raise MicroCTSynthError(f"Group '{name}' names case(s) {', '.join(missing)} that the dataset does not hold.")
-        return {k: list(g.get(k, [])) for k in ("train", "val", "test")}
+        return {k: list(g.get(k, [])) for k in SPLITS}
+
+    def assign(self, case: str, group: str, split: str) -> None:
+        """Put ``case`` into the ``split`` (train, val or test) of ``group``, made if new, and out of
+        the group's other parts."""
+        if split not in SPLITS:
+            raise MicroCTSynthError(f"A case goes to train, val or test, not '{split}'.")
+        parts = self.groups.setdefault(group, {})
+        for key in SPLITS:
+            names = parts.setdefault(key, [])
+            if case in names:
+                names.remove(case)
+        parts[split].append(case)

@@ -33,18 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .choices import MODEL_KINDS, MODEL_TITLES, check_model_kind
 from .dataset import Dataset
 from .labels import TISSUE_NAMES
 from .metrics import evaluate
 from .presets import load_preset
-from .progress import Progress, emit_json, log
+from .progress import Progress, log, report_result, warn
 from .volume import atomic_path, json_safe, read_volume, write_json, write_volume
 
 CLASSES = tuple(TISSUE_NAMES.values())
-METHODS = ("atlas", "naive", "single", "multi", "segmenter")
-MODELS = ("single", "multi", "segmenter")
-#: How a sentence names each model.
-MODEL_NOUNS = {"single": "single-task cGAN", "multi": "multitask cGAN", "segmenter": "segmenter"}
+METHODS = ("atlas", "naive", *MODEL_KINDS)
 METHOD_TITLES = {"atlas": "Atlas", "naive": "Naive (CT + Otsu)", "single": "Single-task cGAN", "multi": "Multitask cGAN",
                  "segmenter": "Segmenter (DynUNet)"}
 
@@ -88,7 +86,7 @@ def shipped_or_fail(groups, models) -> dict:
         for m in models:
             card = find_shipped(g, m)
             if card is None:
-                missing.append(f"group {g} {MODEL_NOUNS[m]}")
+                missing.append(f"group {g} {MODEL_TITLES[m]}")
             else:
                 found[(g, m)] = verify_shipped(card)
     if missing:
@@ -108,9 +106,10 @@ def run_summary(checkpoint: Path) -> dict:
 
 
 # -- one test specimen --------------------------------------------------------------------------
-def score_specimen(dataset: Dataset, group: str, specimen: str, runs: dict, out_dir: Path, device: str, progress: str,
-                   overlap: float = 0.5) -> dict:
-    """Every method's tissue map of ``specimen`` and its metrics (cached in ``metrics_<method>.json``)."""
+def score_specimen(dataset: Dataset, group: str, specimen: str, runs: dict, out_dir: Path, device: str,
+                   progress: str) -> dict:
+    """Every method's tissue map of ``specimen`` and its metrics (cached in ``metrics_<method>.json``); each
+    model synthesizes with its own preset's window overlap."""
     case_dir = out_dir / "cases" / group / specimen
     reference = read_volume(dataset.path(specimen, "tissue"))
     microct = read_volume(dataset.path(specimen, "microct"))
@@ -138,7 +137,7 @@ def score_specimen(dataset: Dataset, group: str, specimen: str, runs: dict, out_
 
             # The thesis synthesizes from the CT registered onto the micro-CT grid.
             ct_registered = read_volume(dataset.path(specimen, "ct_registered"))
-            result = synthesize(ct_registered, runs[method], reference=ct_registered, overlap=overlap, device=device, progress="none")
+            result = synthesize(ct_registered, runs[method], reference=ct_registered, device=device, progress="none")
             synthetic, prediction = result.microct, result.tissue
             if synthetic is not None:  # the segmenter makes none
                 write_volume(synthetic, case_dir / f"{method}_microct.nrrd")
@@ -153,15 +152,13 @@ def score_specimen(dataset: Dataset, group: str, specimen: str, runs: dict, out_
 def score_checkpoint(checkpoint, dataset: Dataset, specimens, device: str = "auto") -> dict:
     """``{specimen: {class: Dice}}`` of a model's tissue map of each specimen, synthesized from its
     registered CT onto its micro-CT grid with the model's own window overlap (the experiment's way)."""
-    from .checkpoint import load_checkpoint
     from .metrics import dice_per_class
     from .synthesize import synthesize
 
-    overlap = float((load_checkpoint(checkpoint).get("preset") or {}).get("synthesis_overlap", 0.5))
     scores = {}
     for s in specimens:
         ct = read_volume(dataset.path(s, "ct_registered"))
-        result = synthesize(ct, checkpoint, reference=ct, overlap=overlap, device=device, progress="none")
+        result = synthesize(ct, checkpoint, reference=ct, device=device, progress="none")
         dice = dice_per_class(read_volume(dataset.path(s, "tissue")).array, result.tissue.array)
         scores[s] = {c: float(dice[c]) for c in CLASSES}
     return scores
@@ -406,12 +403,9 @@ def run_experiment(data_dir, out_dir, preset: str = "quick", groups=("A", "B", "
     for g in groups:
         dataset.group(g)  # fail early, with a sentence, on an unknown group or case
     for m in models:
-        if m not in MODELS:
-            from .errors import MicroCTSynthError
-
-            raise MicroCTSynthError(f"Unknown model '{m}': use {', '.join(MODELS)}.")
+        check_model_kind(m)
     shipped = shipped_or_fail(groups, models) if pretrained else None
-    with FolderLock(out_dir, "experiment folder", log=lambda msg: log(msg, "json" if progress == "json" else "bar")):
+    with FolderLock(out_dir, "experiment folder", log=lambda m: warn(m, progress)):
         return _run_experiment(dataset, out_dir, preset, groups, models, device, progress, shipped)
 
 
@@ -425,17 +419,16 @@ def _run_experiment(dataset: Dataset, out_dir: Path, preset: str, groups, models
             for m in models:
                 if shipped is not None:
                     checkpoints[m] = shipped[(g, m)]
-                    bar.log(f"Group {g}: shipped {MODEL_NOUNS[m]} {checkpoints[m].parent.name}")
+                    bar.log(f"Group {g}: shipped {MODEL_TITLES[m]} {checkpoints[m].parent.name}")
                 else:
                     run_dir = out_dir / "runs" / f"{g}_{m}"
-                    bar.log(f"Group {g}: {MODEL_NOUNS[m]} in {run_dir}")
+                    bar.log(f"Group {g}: {MODEL_TITLES[m]} in {run_dir}")
                     checkpoints[m] = train_or_reuse(dataset.root, run_dir, g, m, preset, device, progress)
                 runs[f"{g}_{m}"] = run_summary(checkpoints[m])
                 bar.update(group=g, stage=f"{'load' if shipped is not None else 'train'} {m}")
             scores[g] = {}
             for s in dataset.group(g)["test"]:
-                scores[g][s] = score_specimen(dataset, g, s, checkpoints, out_dir, device, progress,
-                                              overlap=float(load_preset(preset)["synthesis_overlap"]))
+                scores[g][s] = score_specimen(dataset, g, s, checkpoints, out_dir, device, progress)
             bar.update(group=g, stage="evaluate")
 
     rows = result_rows(scores)
@@ -464,14 +457,11 @@ def _split(text: str) -> list[str]:
 
 def command_experiment(args: argparse.Namespace) -> int:
     summary = run_experiment(args.data, args.out, args.preset, _split(args.groups), _split(args.models), args.device,
-                             args.progress, pretrained=bool(getattr(args, "pretrained", False)))
-    table = summary_table(summary)
-    if args.progress == "json":
-        emit_json("result", outputs={"report": str(Path(args.out) / "report.html"), "results": str(Path(args.out) / "results.csv")},
+                             args.progress, pretrained=args.pretrained)
+    out = Path(args.out)
+    report_result(args.progress, f"{summary_table(summary)}\nReport: {out / 'report.html'}",
+                  outputs={"report": str(out / "report.html"), "results": str(out / "results.csv")},
                   summary=summary["median_dice"])
-    else:
-        print(table)
-        print(f"Report: {Path(args.out) / 'report.html'}")
     return 0
 
 
@@ -483,26 +473,24 @@ def command_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     data = out / "phantom"
-    train = bool(getattr(args, "train", False))
+    train = args.train
     load_preset(args.preset)  # a bad preset: a sentence before anything else
     if not train:
-        shipped_or_fail(["A"], MODELS)  # before minutes of phantom and registration
+        shipped_or_fail(["A"], MODEL_KINDS)  # before minutes of phantom and registration
     start = time.monotonic()
     if not (data / "cases.json").exists():
         log(f"Making the inner-ear phantom ({args.preset}, seed {args.seed}) in {data}", args.progress)
-        make_phantom(data, preset=args.preset, seed=int(getattr(args, "seed", 0)), progress=args.progress, workers=None)
+        make_phantom(data, preset=args.preset, seed=args.seed, progress=args.progress, workers=None)
     log("Registering and labelling every specimen (prepare)", args.progress)
     reports = prepare(data, progress=args.progress)
     log(format_report(reports), args.progress)
     folder = "experiment_trained" if train else "experiment"
-    summary = run_experiment(data, out / folder, args.preset, ["A"], list(MODELS), args.device, args.progress,
+    summary = run_experiment(data, out / folder, args.preset, ["A"], list(MODEL_KINDS), args.device, args.progress,
                              pretrained=not train)
     minutes = (time.monotonic() - start) / 60
-    if args.progress == "json":
-        emit_json("result", outputs={"report": str(out / folder / "report.html")}, summary=summary["median_dice"], minutes=minutes)
-    else:
-        print(summary_table(summary))
-        print(f"Report: {out / folder / 'report.html'}  ({minutes:.1f} min)")
+    report = out / folder / "report.html"
+    report_result(args.progress, f"{summary_table(summary)}\nReport: {report}  ({minutes:.1f} min)",
+                  outputs={"report": str(report)}, summary=summary["median_dice"], minutes=minutes)
     return 0
 
 
@@ -511,11 +499,8 @@ def command_models(args) -> int:
     from .package_data import shipped_checkpoint, shipped_models
 
     models = shipped_models()
-    if getattr(args, "progress", "bar") == "json":
-        emit_json("result", models={name: {k: v for k, v in card.items() if k != "folder"} for name, card in models.items()})
-        return 0
-    if not models:
-        print("No shipped model is installed (MicroCTSynthLib/Resources/models/ is empty).")
-    for name, card in models.items():
-        print(f"{name}: group {card.get('group')}, {card.get('model')}: {card.get('summary')}\n    {shipped_checkpoint(card)}")
+    lines = [f"{name}: group {card.get('group')}, {card.get('model')}: {card.get('summary')}\n    {shipped_checkpoint(card)}"
+             for name, card in models.items()]
+    report_result(args.progress, "\n".join(lines) or "No shipped model is installed (MicroCTSynthLib/Resources/models/ is empty).",
+                  models={name: {k: v for k, v in card.items() if k != "folder"} for name, card in models.items()})
     return 0

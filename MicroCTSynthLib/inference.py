@@ -30,10 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .choices import BACKENDS, PRECISIONS
 from .errors import MicroCTSynthError
 
-PRECISIONS = ("auto", "fp32", "bf16")
-BACKENDS = ("auto", "torch", "openvino")
 
 #: Voxels per forward call when ``sw_batch_size="auto"``: on a CPU 9 windows of 24³ (the quick
 #: preset) or 32 of 16³, one of 96³; on a GPU four 96³ windows (about 2 GB of activations in bf16).
@@ -42,11 +41,15 @@ MAX_AUTO_BATCH = 32
 
 
 # -- device, precision, batch ------------------------------------------------------------------
-def resolve_device(device="auto") -> torch.device:
-    """``auto``: CUDA when present, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` as asked."""
+def resolve_device(device="auto", local_rank: int | None = None) -> torch.device:
+    """``auto``: CUDA when present, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` as asked.
+
+    ``local_rank``: a process of a distributed run (torchrun's ``LOCAL_RANK``) takes its own GPU
+    for ``auto`` and ``cuda``; without it ``cuda`` is the current GPU.
+    """
     name = str(device if device is not None else "auto").lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -55,6 +58,8 @@ def resolve_device(device="auto") -> torch.device:
         raise MicroCTSynthError(f"Unknown device '{device}': use auto, cpu, cuda or cuda:N.")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MicroCTSynthError("CUDA was asked for but no CUDA GPU is available here; use --device cpu or auto.")
+    if dev.type == "cuda" and dev.index is None and local_rank is not None:
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev
 
 

@@ -25,7 +25,6 @@ only when they succeed, so a failed or cancelled job leaves the scene as it was.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -39,10 +38,11 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from .choices import check_model_kind
 from .errors import MicroCTSynthError
 from .labels import PRIORITY, TISSUE_COLORS, TISSUE_NAMES
 from .process import Job, JobState, engine_command
-from .volume import Volume, atomic_path, check_geometry, read_volume, write_volume
+from .volume import Volume, check_geometry, read_volume, write_volume
 
 #: Marks the transform nodes :meth:`MicroCTSynthSceneLogic.register` made (and may refine).
 REGISTRATION_ATTRIBUTE = "MicroCTSynth.Registration"
@@ -354,24 +354,19 @@ def sitk_transform_from_node(node) -> sitk.AffineTransform:
 
 
 def transform_node_from_file(path, name: str | None = None, scene=None):
-    """Read an engine ``.tfm`` (or any linear ITK transform file) into a linear transform node."""
-    path = Path(path)
-    if not path.is_file():
-        raise MicroCTSynthError(f"The transform file '{path}' does not exist.")
-    try:
-        transform = sitk.ReadTransform(str(path))
-    except RuntimeError:
-        raise MicroCTSynthError(f"The file '{path}' is not a transform SimpleITK can read.") from None
-    return transform_node_from_sitk(transform, name or path.name.split(".")[0], scene)
+    """Read an engine ``.tfm`` (or any linear ITK transform file, checked as the engine checks
+    it: :func:`~MicroCTSynthLib.registration.read_transform`) into a linear transform node."""
+    from .registration import read_transform
+
+    transform = read_transform(path)
+    return transform_node_from_sitk(transform, name or Path(path).name.split(".")[0], scene)
 
 
 def write_transform_from_node(node, path) -> Path:
-    """Write a linear transform node as an engine ``.tfm`` (atomically)."""
-    transform = sitk_transform_from_node(node)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        sitk.WriteTransform(transform, str(tmp))
-    return path
+    """Write a linear transform node as an engine ``.tfm`` (atomically, as the engine writes its own)."""
+    from .registration import write_transform
+
+    return write_transform(sitk_transform_from_node(node), path)
 
 
 def points_lps_from_markups(node) -> np.ndarray:
@@ -610,7 +605,7 @@ class MicroCTSynthSceneLogic:
         return write_volume(volume_from_node(node, world=world), path)
 
     def _checkIdle(self) -> None:
-        if self.job is not None and self.job.state in (JobState.RUNNING, JobState.IMPORTING, JobState.CANCELLING):
+        if self.job is not None and self.job.running:
             raise MicroCTSynthError("Another job is still running; wait for it or cancel it first.")
 
     def _startJob(self, command: str, args: list[str], onResult: Callable[[Job], object], wait: bool,
@@ -687,11 +682,10 @@ class MicroCTSynthSceneLogic:
         name = f"{ctNode.GetName()} to {microCTNode.GetName()}"
 
         def on_result(job: Job):
+            from .registration import read_transform
+
             # Read both outputs before touching the scene, so that a bad file adds no node.
-            try:
-                transform = sitk.ReadTransform(str(job.outputs.get("transform", out_transform)))
-            except RuntimeError:
-                raise MicroCTSynthError("The registration wrote no transform SimpleITK can read.") from None
+            transform = read_transform(job.outputs.get("transform", out_transform))
             resampled = read_volume(job.outputs.get("resampled", out_resampled), "The registered CT")
             transformNode = transform_node_from_sitk(transform, name, self.scene, node=reused)
             transformNode.SetAttribute(REGISTRATION_ATTRIBUTE, "1")
@@ -723,37 +717,26 @@ class MicroCTSynthSceneLogic:
         or made from the micro-CT), and lists the case in ``cases.json`` under ``group``'s
         ``split`` (train / val / test). Returns the case folder.
         """
-        from .dataset import CASES_FILE, Dataset
-        from .registration import resample
+        from .dataset import Dataset
+        from .registration import resample, write_transform
         from .tissue import tissue_map
 
         if not caseName or any(c in caseName for c in "/\\:"):
             raise MicroCTSynthError("Give the case a name without slashes or colons.")
-        if split not in ("train", "val", "test"):
-            raise MicroCTSynthError(f"A case goes to train, val or test, not '{split}'.")
         _scalar_volume(ctNode, "CT")
         _scalar_volume(microCTNode, "micro-CT")
         transformNode = transformNode or ctNode.GetParentTransformNode()
         if transformNode is None:
             raise MicroCTSynthError("Register the CT to the micro-CT first (the case needs its transform).")
-        root = Path(datasetDir)
-        if (root / CASES_FILE).is_file():
-            # Not Dataset.load: a group being built may lack its training case for a while.
-            try:
-                dataset = Dataset(root, json.loads((root / CASES_FILE).read_text()))
-            except json.JSONDecodeError as exc:
-                raise MicroCTSynthError(f"'{root / CASES_FILE}' is not valid JSON: {exc}.") from None
-            dataset.data.setdefault("cases", {})
-        else:
-            dataset = Dataset.create(root, groups={})
+        dataset = Dataset.open(datasetDir)
         dataset.add_case(caseName)
+        dataset.assign(caseName, group, split)
         ct = volume_from_node(ctNode, world=False)
         microct = volume_from_node(microCTNode)
         transform = sitk_transform_from_node(transformNode)
         write_volume(ct, dataset.path(caseName, "ct", must_exist=False))
         write_volume(microct, dataset.path(caseName, "microct", must_exist=False))
-        with atomic_path(dataset.path(caseName, "transform", must_exist=False)) as tmp:
-            sitk.WriteTransform(transform, str(tmp))
+        write_transform(transform, dataset.path(caseName, "transform", must_exist=False))
         write_volume(resample(ct, microct, transform, interpolator="linear"),
                      dataset.path(caseName, "ct_registered", must_exist=False))
         if tissueSegmentation is not None:
@@ -761,13 +744,6 @@ class MicroCTSynthSceneLogic:
         else:
             labels = tissue_map(microct)
         write_volume(labels, dataset.path(caseName, "tissue", must_exist=False))
-        groups = dataset.data.setdefault("groups", {})
-        entry = groups.setdefault(group, {"train": [], "val": [], "test": []})
-        for key in ("train", "val", "test"):
-            entry.setdefault(key, [])
-            if caseName in entry[key]:
-                entry[key].remove(caseName)
-        entry[split].append(caseName)
         dataset.save()
         return dataset.path(caseName, "ct").parent
 
@@ -775,7 +751,8 @@ class MicroCTSynthSceneLogic:
     def train(self, datasetDir, group: str = "A", model: str = "single", preset: str = "quick", outDir=None,
               resume: bool = False, epochsConstant: int | None = None, epochsDecay: int | None = None,
               device: str | None = None, wait: bool = False, chart: bool = True, overwrite: bool = False):
-        """Train the single-task (Eq. 5) or multitask (Eq. 6) 3D cGAN on ``group`` in the background.
+        """Train the single-task (Eq. 5) or multitask (Eq. 6) 3D cGAN, or the direct segmenter, on
+        ``group`` in the background.
 
         A run folder that holds a run is continued with ``resume`` or replaced with ``overwrite``
         (its checkpoints deleted); with neither the job refuses it.
@@ -784,8 +761,7 @@ class MicroCTSynthSceneLogic:
         ``best.pt`` (the epoch with the lowest validation loss).
         """
         self._checkIdle()
-        if model not in ("single", "multi"):
-            raise MicroCTSynthError(f"The model is 'single' or 'multi', not '{model}'.")
+        check_model_kind(model)
         outDir = Path(outDir) if outDir else Path(datasetDir) / "runs" / f"{group}_{model}"
         args = ["--data", str(datasetDir), "--group", group, "--model", model, "--preset", str(preset),
                 "--out", str(outDir), "--device", device or self.device]
@@ -822,14 +798,15 @@ class MicroCTSynthSceneLogic:
         return self._startJob("train", args, on_result, wait, on_event, on_finish)
 
     # -- 5. synthesis -----------------------------------------------------------------------
-    def synthesize(self, ctNode, modelPath, roiNode=None, referenceNode=None, samples: int = 1, overlap: float = 0.5,
-                   device: str | None = None, wait: bool = False, name: str | None = None):
+    def synthesize(self, ctNode, modelPath, roiNode=None, referenceNode=None, samples: int = 1,
+                   overlap: float | None = None, device: str | None = None, wait: bool = False, name: str | None = None):
         """Synthetic micro-CT and tissue map of a CT with a trained model (in the background).
 
         The output grid: the ROI (axis-aligned, at the model's voxel size), or the grid of
         ``referenceNode`` (e.g. the micro-CT, for evaluation), or the CT's field of view. The
         CT is taken where it is shown (with its registration transform). ``samples`` > 1 also
-        gives the voxel-wise standard deviation (an uncertainty volume). Result:
+        gives the voxel-wise standard deviation (an uncertainty volume). ``overlap``: of the windows, a
+        fraction (default: the model's preset's ``synthesis_overlap``). Result:
         :class:`SynthesisNodes`.
         """
         self._checkIdle()
@@ -840,13 +817,16 @@ class MicroCTSynthSceneLogic:
         ct_path = self._writeVolume(ctNode, folder / "ct.nrrd")
         out_microct, out_tissue = folder / "synthetic_microct.nrrd", folder / "synthetic_tissue.nrrd"
         args = ["--model", str(modelPath), "--ct", str(ct_path), "--out-microct", str(out_microct),
-                "--out-tissue", str(out_tissue), "--overlap", str(overlap), "--device", device or self.device]
+                "--out-tissue", str(out_tissue), "--device", device or self.device]
+        if overlap is not None:
+            args += ["--overlap", str(overlap)]
         if referenceNode is not None:
             args += ["--reference-grid", str(self._writeVolume(referenceNode, folder / "reference.nrrd"))]
         elif roiNode is not None:
             center, size = roi_from_node(roiNode)
-            # A leading space keeps argparse from taking "-12.3,..." for an option; the engine strips it.
-            args += ["--roi", " " + ",".join(f"{v:.6f}" for v in center), " " + ",".join(f"{v:.6f}" for v in size)]
+            # After "=", a centre starting with a minus sign is a value, not an option.
+            args += ["--roi-center=" + ",".join(f"{v:.6f}" for v in center),
+                     "--roi-size=" + ",".join(f"{v:.6f}" for v in size)]
         if samples > 1:
             args += ["--samples", str(int(samples)), "--uncertainty", str(folder / "uncertainty.nrrd")]
         base = name or f"{ctNode.GetName()} synthetic micro-CT"
@@ -910,7 +890,7 @@ class MicroCTSynthSceneLogic:
             args += ["--target-transform", str(write_transform_from_node(transform, folder / "ct_transform.tfm"))]
 
         def on_result(job: Job):
-            labels = read_volume(job.outputs.get("tissue", job.outputs.get("out", out)))
+            labels = read_volume(job.outputs.get("tissue", out), "The atlas tissue map")
             return segmentation_from_labels(labels, name, self.scene)
 
         return self._startJob("atlas", args, on_result, wait, onFinish=lambda job: shutil.rmtree(folder, ignore_errors=True))

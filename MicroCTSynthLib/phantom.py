@@ -40,11 +40,11 @@ from scipy import ndimage
 
 from .anatomy import BONE as _BONE
 from .anatomy import Anatomy, draw_anatomy, rotation, unit
-from .dataset import SPECIMENS, Dataset
+from .dataset import CASES_FILE, SPECIMENS, Dataset
 from .errors import MicroCTSynthError
 from .labels import AIR, BONE, OUTSIDE, SOFT_TISSUE
 from .presets import load_preset
-from .progress import Progress, emit_json, log
+from .progress import Progress, emit_json, report_result
 from .volume import Volume, atomic_path, write_volume
 
 #: Version of the phantom's model, written into every dataset (cases.json) and model card.
@@ -551,8 +551,10 @@ def make_phantom(out_dir, preset="quick", seed: int = 0, specimens=None, progres
 
 
 def command_phantom(args: argparse.Namespace) -> int:
-    progress = getattr(args, "progress", "bar")
+    progress = args.progress
     ds = make_phantom(args.out, preset=args.preset, seed=args.seed, specimens=args.specimens, progress=progress,
-                      workers=None, scanners=getattr(args, "scanners", "clinical"))
-    log(f"Wrote {ds.root / 'cases.json'} with {len(ds.cases)} specimen(s) and groups {', '.join(ds.groups)}", progress if progress != "none" else "bar")
+                      workers=None, scanners=args.scanners)
+    cases = ds.root / CASES_FILE
+    report_result(progress, f"Wrote {cases} with {len(ds.cases)} specimen(s) and groups {', '.join(ds.groups)}",
+                  outputs={"cases": str(cases)})
     return 0

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
 from .dataset import Dataset
 from .labels import TISSUE_NAMES
 from .metrics import dice_per_class
-from .progress import Progress, log
+from .progress import Progress, report_result, warn
 from .safety import FolderLock, check_outputs
 from .registration import read_transform, register, resample, target_registration_error, write_transform
 from .tissue import field_of_view, tissue_map
@@ -96,7 +97,7 @@ def prepare(data_dir, cases=None, affine: bool = False, force: bool = False, pro
     for case in cases:
         dataset.path(case, "ct", must_exist=False)  # an unknown case: a sentence before any work
     reports = []
-    lock = FolderLock(dataset.root, "dataset folder", log=lambda m: log(m, "json" if progress == "json" else "bar"))
+    lock = FolderLock(dataset.root, "dataset folder", log=lambda m: warn(m, progress))
     with lock, Progress(total=len(cases), task="prepare", mode=progress, unit="case") as bar:
         for case in cases:
             report = prepare_case(dataset, case, affine=affine, force=force, mode=progress)
@@ -111,9 +112,5 @@ def prepare(data_dir, cases=None, affine: bool = False, force: bool = False, pro
 def command_prepare(args: argparse.Namespace) -> int:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     reports = prepare(args.data, cases=cases, affine=args.affine, force=args.force, progress=args.progress)
-    table = format_report(reports)
-    if args.progress == "json":
-        log(table, "json")
-    else:
-        print(table)
+    report_result(args.progress, format_report(reports), outputs={"report": str(Path(args.data) / REPORT_FILE)})
     return 0

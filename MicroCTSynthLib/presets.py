@@ -18,7 +18,8 @@ from pathlib import Path
 from .errors import MicroCTSynthError
 from .package_data import preset_file
 
-PRESET_NAMES = ("paper", "quick", "tiny", "pretrained")
+#: The presets shipped in the package (the panel lists them in this order).
+PRESET_NAMES = ("paper", "quick", "pretrained", "tiny")
 
 
 INF = math.inf
@@ -34,8 +35,8 @@ SCHEMA = {
     "phantom_pose_max_deg": ("float", 0.0, 180.0), "phantom_pose_shift_sd_mm": ("float", 0.0, 50.0),
     "phantom_pose_shift_max_mm": ("float", 0.0, 50.0), "phantom_misalignment_max_deg": ("float", 0.0, 90.0),
     "phantom_misalignment_max_mm": ("float", 0.0, 50.0),
-    "downsample": ("int", 1, 2), "patch_size": ("int", 8, 4096), "train_patch_overlap": ("int", 0, 4095),
-    "eval_patch_overlap": ("int", 0, 4095), "synthesis_overlap": ("float", 0.0, 0.99),
+    "downsample": ("int", 1, 2), "patch_size": ("int", 8, 4096), "train_patch_overlap": ("float", 0.0, 0.99),
+    "eval_patch_overlap": ("float", 0.0, 0.99), "synthesis_overlap": ("float", 0.0, 0.99),
     "ngf": ("int", 1, 4096), "n_blocks": ("int", 0, 64), "dropout": ("float", 0.0, 0.99), "input_skip": ("bool", None, None),
     "ndf": ("int", 1, 4096), "n_layers_D": ("int", 1, 6), "gan_mode": (("vanilla", "lsgan"), None, None),
     "lr": ("float", 1e-12, INF), "beta1": ("float", 0.0, 0.999), "batch_size": ("int", 1, 64),
@@ -86,6 +87,8 @@ def check_preset(preset: dict, key: str = "") -> dict:
             want = _problem(name, preset[name], rule)
             if want is not None:
                 where = f"The preset '{key}'" if key else "The preset"
+                if name.endswith("_overlap"):
+                    want += " (a fraction of the patch: 24 of 96 voxels is 0.25)"
                 raise MicroCTSynthError(f"{where} sets {name} to {preset[name]!r}; it must be {want}.")
     if int(preset.get("patch_size", 8)) % 4:
         raise MicroCTSynthError(f"The preset's patch_size {preset['patch_size']} must be a multiple of 4.")

@@ -213,8 +213,8 @@ class Job:
     # -- events -----------------------------------------------------------------------------
     def poll(self) -> bool:
         """Handle the queued events (callbacks run here); ``True`` while the job is not finished."""
-        if self.state in (JobState.IDLE,) or self.state.finished:
-            return not self.state.finished and self.state != JobState.IDLE
+        if self.state == JobState.IDLE:
+            return False  # not started: nothing to handle
         while not self.state.finished:
             try:
                 item = self._queue.get_nowait()

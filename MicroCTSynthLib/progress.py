@@ -6,7 +6,7 @@ line of stdout, flushed at once, so a reader of the pipe sees it immediately::
 
     {"event": "progress", "task": "train", "step": 12, "total": 200, "seconds_left": 31.5, "loss_G": 0.82}
     {"event": "log", "message": "Registered S3_1: TRE 0.04 mm"}
-    {"event": "result", "outputs": {"microct": "..."}}
+    {"event": "result", "outputs": {"microct": "..."}, "message": "Wrote ..."}
     {"event": "error", "message": "The image 'x.nrrd' does not exist: check the path."}
 
 Keys other than ``event``, ``task``, ``step``, ``total``, ``seconds_left`` are the job's own
@@ -117,6 +117,22 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def report_result(mode: str, message: str, outputs: dict | None = None, **fields) -> None:
+    """A command's last word: with ``--progress json`` one ``result`` event holding the files it
+    wrote (``outputs``, what the Slicer module loads), the ``message`` and any other ``fields``;
+    otherwise the ``message`` on stdout."""
+    if mode == "json":
+        emit_json("result", outputs=outputs or {}, message=message, **fields)
+    else:
+        print(message, flush=True)
+
+
+def warn(message: str, mode: str) -> None:
+    """A line the user must see even with ``--progress none`` (a lock taken over, a doubtful input):
+    a JSON ``log`` event with ``json``, else stderr."""
+    log(message, "json" if mode == "json" else "bar")
 
 
 def log(message: str, mode: str = "bar", bar=None) -> None:

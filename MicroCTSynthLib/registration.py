@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import MicroCTSynthError
-from .progress import Progress, emit_json
+from .progress import Progress, report_result
 from .volume import Volume, atomic_path, read_volume, write_volume
 
 #: Histogram bins of Mattes mutual information (ITK's usual 32-50).
@@ -225,11 +225,17 @@ def read_transform(path) -> sitk.Transform:
     return transform
 
 
-def write_transform(transform: sitk.Transform, path) -> Path:
-    """Write ``transform`` as an ITK transform file, atomically (temporary name, then rename)."""
+def check_transform_name(path) -> Path:
+    """``path`` if its ending is one an ITK transform file can have, else one sentence."""
     path = Path(path)
     if path.suffix.lower() not in (".tfm", ".txt", ".h5", ".hdf5", ".mat"):
         raise MicroCTSynthError(f"Cannot write the transform '{path}': use the ending .tfm (or .txt, .h5, .mat).")
+    return path
+
+
+def write_transform(transform: sitk.Transform, path) -> Path:
+    """Write ``transform`` as an ITK transform file, atomically (temporary name, then rename)."""
+    path = check_transform_name(path)
     try:
         with atomic_path(path) as tmp:
             sitk.WriteTransform(transform, str(tmp))
@@ -583,37 +589,9 @@ def register(fixed: Volume, moving: Volume, initial: sitk.Transform | None = Non
     fixed_image, moving_image = _as_image(fixed), _as_image(moving)
     mask_image = Volume(mask.astype(np.uint8), fixed.spacing, fixed.origin, fixed.direction).to_sitk()
     shrinks, sigmas = _pyramid(fixed, moving)
-
-    if (landmarks_fixed is None) != (landmarks_moving is None):
-        raise MicroCTSynthError("Landmarks come in pairs: give both the micro-CT landmarks and the CT landmarks.")
-    if initial is not None and landmarks_fixed is not None:
-        raise MicroCTSynthError("Give either an initial transform or landmarks, not both.")
-
-    if initial is not None:
-        candidates = {"initial transform": initial}
-    elif landmarks_fixed is not None:
-        candidates = {"landmarks": rigid_from_landmarks(landmarks_fixed, landmarks_moving)}
-    else:
-        candidates = {
-            "identity": sitk.Euler3DTransform(),
-            "centred geometry": _euler(np.eye(3), moving.center - fixed.center, centre),
-            "centred moments": _euler(np.eye(3), _moments_centre(moving) - _moments_centre(fixed, mask), centre),
-        }
-
-    # The best candidate that overlaps the CT enough for mutual information.
-    scored = []
+    candidates = _starts(fixed, moving, mask, centre, initial, landmarks_fixed, landmarks_moving)
     score = _coarse_scorer(fixed_image, moving_image, mask_image, shrinks[0], sigmas[0]) if len(candidates) > 1 else None
-    for name, candidate in candidates.items():
-        if _overlap(candidate, points, moving) < MIN_OVERLAP:
-            continue
-        scored.append((score(candidate) if score else 0.0, name, candidate))
-    if not scored:
-        name = next(iter(candidates))
-        raise MicroCTSynthError(
-            f"After the {'initialization' if len(candidates) > 1 else name}, less than {MIN_OVERLAP:.0%} of the micro-CT's "
-            f"field of view lies inside the CT, too little for mutual information; {_ADVICE}."
-        )
-    _, init_name, init = min(scored, key=lambda s: s[0])
+    init_name, init = _best_start(candidates, score, points, moving)
 
     rigid = _recentre(init, centre)
     moving_initial = None
@@ -631,24 +609,8 @@ def register(fixed: Volume, moving: Volume, initial: sitk.Transform | None = Non
     try:
         bar.log(f"Registration: initialized by {init_name}; rigid Mattes MI at shrink factors {shrinks}.")
         state = {"iterations": 0}
-        images = (fixed_image, moving_image, mask_image)
-        voxels = int(mask.sum())
-        fine = min(fixed.spacing)
-        metric = float("nan")
-        for i, (shrink, sigma) in enumerate(zip(shrinks, sigmas), start=1):
-            # First steps of half a voxel of the level, never below a tenth of a CT voxel.
-            step = max(STEP_VOXELS * shrink * fine, 0.1 * min(moving.spacing))
-            metric = _level(rigid, images, voxels, shrink, sigma, step, moving_initial, bar, "rigid", i, state)
-        result: sitk.Transform = rigid
-        if affine:
-            aff = sitk.AffineTransform(3)
-            aff.SetCenter(rigid.GetCenter())
-            aff.SetMatrix(rigid.GetMatrix())
-            aff.SetTranslation(rigid.GetTranslation())
-            for i, (shrink, sigma) in enumerate(zip(shrinks[-2:], sigmas[-2:]), start=1):
-                step = max(STEP_VOXELS * shrink * fine, 0.1 * min(moving.spacing)) / 2.0
-                metric = _level(aff, images, voxels, shrink, sigma, step, moving_initial, bar, "affine", i, state)
-            result = aff
+        result, metric = _optimise(rigid, affine, (fixed_image, moving_image, mask_image), int(mask.sum()), shrinks,
+                                   sigmas, min(fixed.spacing), min(moving.spacing), moving_initial, bar, state)
         if moving_initial is not None:
             composite = sitk.CompositeTransform([moving_initial, result])
             result = _recentre(composite, centre) or composite
@@ -665,6 +627,64 @@ def register(fixed: Volume, moving: Volume, initial: sitk.Transform | None = Non
     return result
 
 
+def _starts(fixed: Volume, moving: Volume, mask: np.ndarray, centre, initial, landmarks_fixed,
+            landmarks_moving) -> dict:
+    """The initial transforms to choose from, by name: the one given, the landmarks' rigid fit, or
+    identity, centred geometry and centred intensity moments."""
+    if (landmarks_fixed is None) != (landmarks_moving is None):
+        raise MicroCTSynthError("Landmarks come in pairs: give both the micro-CT landmarks and the CT landmarks.")
+    if initial is not None and landmarks_fixed is not None:
+        raise MicroCTSynthError("Give either an initial transform or landmarks, not both.")
+    if initial is not None:
+        return {"initial transform": initial}
+    if landmarks_fixed is not None:
+        return {"landmarks": rigid_from_landmarks(landmarks_fixed, landmarks_moving)}
+    return {
+        "identity": sitk.Euler3DTransform(),
+        "centred geometry": _euler(np.eye(3), moving.center - fixed.center, centre),
+        "centred moments": _euler(np.eye(3), _moments_centre(moving) - _moments_centre(fixed, mask), centre),
+    }
+
+
+def _best_start(candidates: dict, score, points: np.ndarray, moving: Volume) -> tuple[str, sitk.Transform]:
+    """The candidate with the best coarse mutual information (``score``; the only one when there
+    is one) among those that overlap the CT enough for mutual information."""
+    scored = []
+    for name, candidate in candidates.items():
+        if _overlap(candidate, points, moving) < MIN_OVERLAP:
+            continue
+        scored.append((score(candidate) if score else 0.0, name, candidate))
+    if not scored:
+        name = next(iter(candidates))
+        raise MicroCTSynthError(
+            f"After the {'initialization' if len(candidates) > 1 else name}, less than {MIN_OVERLAP:.0%} of the micro-CT's "
+            f"field of view lies inside the CT, too little for mutual information; {_ADVICE}."
+        )
+    _, name, transform = min(scored, key=lambda s: s[0])
+    return name, transform
+
+
+def _optimise(rigid: sitk.Euler3DTransform, affine: bool, images, voxels: int, shrinks, sigmas, fine: float,
+              moving_spacing: float, moving_initial, bar: Progress, state: dict) -> tuple[sitk.Transform, float]:
+    """The rigid stage at every level, then (``affine``) an affine stage at the two finest; returns
+    the transform and the last metric value."""
+    metric = float("nan")
+    for i, (shrink, sigma) in enumerate(zip(shrinks, sigmas), start=1):
+        # First steps of half a voxel of the level, never below a tenth of a CT voxel.
+        step = max(STEP_VOXELS * shrink * fine, 0.1 * moving_spacing)
+        metric = _level(rigid, images, voxels, shrink, sigma, step, moving_initial, bar, "rigid", i, state)
+    if not affine:
+        return rigid, metric
+    aff = sitk.AffineTransform(3)
+    aff.SetCenter(rigid.GetCenter())
+    aff.SetMatrix(rigid.GetMatrix())
+    aff.SetTranslation(rigid.GetTranslation())
+    for i, (shrink, sigma) in enumerate(zip(shrinks[-2:], sigmas[-2:]), start=1):
+        step = max(STEP_VOXELS * shrink * fine, 0.1 * moving_spacing) / 2.0
+        metric = _level(aff, images, voxels, shrink, sigma, step, moving_initial, bar, "affine", i, state)
+    return aff, metric
+
+
 def _transform_summary(transform: sitk.Transform, centre) -> str:
     linear = _linear_part(transform)
     if linear is None:
@@ -678,32 +698,27 @@ def _transform_summary(transform: sitk.Transform, centre) -> str:
 
 def command_register(args: argparse.Namespace) -> int:
     """``microctsynth register``: estimate the transform, write it and the resampled CT."""
-    mode = getattr(args, "progress", "bar")
+    mode = args.progress
     fixed = read_volume(args.fixed, what=f"The micro-CT '{args.fixed}'")
     moving = read_volume(args.moving, what=f"The CT '{args.moving}'")
-    initial = read_transform(args.init) if getattr(args, "init", None) else None
-    lf, lm = getattr(args, "landmarks_fixed", None), getattr(args, "landmarks_moving", None)
+    initial = read_transform(args.init) if args.init else None
+    lf, lm = args.landmarks_fixed, args.landmarks_moving
     if (lf is None) != (lm is None):
         raise MicroCTSynthError("Landmarks come in pairs: give both --landmarks-fixed and --landmarks-moving.")
     landmarks_fixed = read_landmarks(lf) if lf else None
     landmarks_moving = read_landmarks(lm) if lm else None
-    out_transform, out_resampled = Path(args.out_transform), Path(args.out_resampled)
-    if out_transform.suffix.lower() not in (".tfm", ".txt", ".h5", ".hdf5", ".mat"):
-        raise MicroCTSynthError(f"Cannot write the transform '{out_transform}': use the ending .tfm.")
+    out_transform, out_resampled = check_transform_name(args.out_transform), Path(args.out_resampled)
     start = time.monotonic()
     transform = register(fixed, moving, initial, landmarks_fixed, landmarks_moving,
-                         affine=bool(getattr(args, "affine", False)), progress=mode)
+                         affine=args.affine, progress=mode)
     seconds = time.monotonic() - start
-    downsample = int(getattr(args, "downsample", 1) or 1)
+    downsample = int(args.downsample)
     resampled = resample(moving, fixed, transform, interpolator="linear", downsample=downsample)
     write_transform(transform, out_transform)
     write_volume(resampled, out_resampled)
     summary = (f"Registered '{args.moving}' onto '{args.fixed}' in {seconds:.1f} s "
                f"({_transform_summary(transform, _mask_centroid(fixed, _fixed_mask(fixed)))}): "
                f"{out_transform}, {out_resampled}" + (f" (grid x{downsample} downsampled)" if downsample > 1 else ""))
-    if mode == "json":
-        emit_json("result", outputs={"transform": str(out_transform), "resampled": str(out_resampled)},
-                  seconds=round(seconds, 2), message=summary)
-    else:
-        print(summary)
+    report_result(mode, summary, outputs={"transform": str(out_transform), "resampled": str(out_resampled)},
+                  seconds=round(seconds, 2))
     return 0

@@ -37,17 +37,19 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 from torch import nn
 
+from .choices import BLEND_MODES
 from .errors import MicroCTSynthError
 from .inference import WindowPredictor, resolve_batch_size, resolve_device
 from .labels import AIR, OUTSIDE
-from .progress import Progress, emit_json, log
+from .progress import Progress, log, report_result
+from .tiling import SYNTHESIS_OVERLAP, check_overlap, patch_starts
 from .volume import Volume, read_volume, write_volume
 
 #: Output voxels of one slab (before the patch-sized halo); 2**24 keeps a 400³ synthesis of
@@ -56,8 +58,6 @@ DEFAULT_CHUNK_VOXELS = 2**24
 
 #: The largest output grid synthesize accepts (a whole head at 37.6 µm would be ~10^11 voxels).
 MAX_OUTPUT_VOXELS = 512**3
-
-BLEND_MODES = ("gaussian", "constant")
 
 
 @dataclass
@@ -106,19 +106,6 @@ def importance_map(patch_size, mode="gaussian") -> np.ndarray:
     raise MicroCTSynthError(f"The blending mode must be one of {', '.join(BLEND_MODES)}, not {mode!r}.")
 
 
-def patch_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Window starts along one axis (MONAI's ``dense_patch_slices``).
-
-    Windows every ``int(patch * (1 - overlap))`` voxels, the last one shifted inward to end at
-    the edge; with ``overlap=0`` this is the thesis' regular tiling.
-    """
-    if size <= patch:
-        return [0]
-    interval = max(int(patch * (1.0 - overlap)), 1)
-    count = next(d for d in range(math.ceil(size / interval) + 1) if d * interval + patch >= size) + 1
-    return [min(d * interval, size - patch) for d in range(count)]
-
-
 def _triple(value, name, kind=float) -> tuple:
     if np.isscalar(value):
         return (kind(value),) * 3
@@ -126,13 +113,6 @@ def _triple(value, name, kind=float) -> tuple:
     if len(value) != 3:
         raise MicroCTSynthError(f"{name} needs one value or three (x, y, z), not {len(value)}.")
     return value
-
-
-def _check_overlap(overlap: float) -> float:
-    overlap = float(overlap)
-    if not 0.0 <= overlap < 1.0:
-        raise MicroCTSynthError(f"The patch overlap must be at least 0 and below 1, not {overlap}.")
-    return overlap
 
 
 def weight_sum(lo: int, hi: int, starts, roi, weight: np.ndarray, shape_yx) -> np.ndarray:
@@ -222,9 +202,9 @@ def _run_windows(image: torch.Tensor, origin_z: int, positions, roi, runner: Win
     return len(run), len(skipped)
 
 
-def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callable, roi_size, overlap=0.5,
-                             mode="gaussian", sw_batch_size="auto", device="cpu", n_outputs=None, progress=None,
-                             cval=0.0, precision="auto", backend="auto", background=None):
+def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callable, roi_size,
+                             overlap=SYNTHESIS_OVERLAP, mode="gaussian", sw_batch_size="auto", device="cpu",
+                             n_outputs=None, progress=None, cval=0.0, precision="auto", backend="auto", background=None):
     """Patch-wise inference of ``predictor`` over ``image``, blended: ``sum(w * pred) / sum(w)``.
 
     The same contract as MONAI's ``sliding_window_inference``: ``image`` is (D, H, W),
@@ -258,7 +238,7 @@ def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callab
         raise ValueError(f"The image must be (D, H, W), (C, D, H, W) or (1, C, D, H, W), not {tuple(array.shape)}.")
     array = array.float()
     roi = _triple(roi_size, "roi_size", int)
-    overlap = _check_overlap(overlap)
+    overlap = check_overlap(overlap)
     runner = WindowPredictor(predictor, roi, device, precision, backend)
     batch_size = resolve_batch_size(sw_batch_size, roi, runner.device)
     size = tuple(array.shape[1:])
@@ -474,8 +454,165 @@ def _slab_groups(rows, roi_z: int, plane: int, chunk_voxels: int) -> list:
     return groups
 
 
+class _Tiling:
+    """The working grid of a synthesis and its windows: the output grid, at least a window wide
+    (the CT fills the margin, cropped at the end), tiled by :func:`~MicroCTSynthLib.tiling.patch_starts`;
+    the rows of windows grouped into slabs of about ``chunk_voxels``."""
+
+    def __init__(self, grid_shape, patch_size: int, overlap: float, blend: str, chunk_voxels: int):
+        self.roi = (int(patch_size),) * 3
+        self.shape = np.asarray(grid_shape)
+        self.pad_before = np.maximum(np.asarray(self.roi) - self.shape, 0) // 2
+        self.work = np.maximum(self.shape, self.roi)
+        self.shape_yx = (int(self.work[1]), int(self.work[2]))
+        self.starts = [patch_starts(int(n), r, overlap) for n, r in zip(self.work, self.roi)]
+        self.weight = importance_map(self.roi, blend)
+        self.n_windows = len(self.starts[0]) * len(self.starts[1]) * len(self.starts[2])
+        self.slabs = _slab_groups(self.starts[0], self.roi[0], int(self.work[1] * self.work[2]), chunk_voxels)
+
+    def positions(self, rows) -> list:
+        return [(z, y, x) for z in rows for y in self.starts[1] for x in self.starts[2]]
+
+    def finished(self, acc: _Blend, z_end: int):
+        """Planes [acc.start, z_end) of the working grid that lie on the output grid: their blended
+        values (numerator / weight sum, in place) and where they go, or None."""
+        pad, shape, z0 = self.pad_before, self.shape, acc.start
+        lo, hi = max(z0, int(pad[0])), min(z_end, int(pad[0] + shape[0]))
+        if hi <= lo:
+            return None
+        src = (slice(lo - z0, hi - z0), slice(pad[1], pad[1] + shape[1]), slice(pad[2], pad[2] + shape[2]))
+        blended = acc.numerators[0][(slice(None),) + src]
+        blended /= weight_sum(lo, hi, self.starts, self.roi, self.weight, self.shape_yx)[(slice(None),) + src[1:]]
+        return blended, slice(lo - pad[0], hi - pad[0])
+
+
+class _Outputs:
+    """The volumes a synthesis fills plane by plane, only those asked for: the synthetic micro-CT
+    (the mean of the passes) and its standard deviation, a multitask model's labels and entropy,
+    and, for a single-task entropy (Otsu is global), every pass in a temporary folder on disk,
+    removed when the outputs are closed, whatever happened."""
+
+    def __init__(self, grid_shape, samples: int, image_head: bool, multitask: bool, want_entropy: bool, normalization):
+        self.samples, self.image_head, self.multitask, self.normalization = samples, image_head, multitask, normalization
+        self.n_images = samples if image_head else 0
+        self.microct = np.zeros(grid_shape, dtype=np.float32) if image_head else None
+        self.std = np.zeros(grid_shape, dtype=np.float32) if samples > 1 and image_head else None
+        self.labels = np.zeros(grid_shape, dtype=np.uint8) if multitask else None
+        self.entropy = np.zeros(grid_shape, dtype=np.float32) if want_entropy else None
+        self.passes, self._folder = None, None
+        if samples > 1 and not multitask and want_entropy:
+            self._folder = tempfile.TemporaryDirectory(prefix="microctsynth-passes-")
+            self.passes = np.lib.format.open_memmap(os.path.join(self._folder.name, "passes.npy"), mode="w+",
+                                                    dtype=np.float32, shape=(samples, *grid_shape))
+
+    def __enter__(self) -> "_Outputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.passes = None  # the memory map goes before its file
+        if self._folder is not None:
+            self._folder.cleanup()
+
+    def write(self, blended: np.ndarray, dst: slice) -> None:
+        """Output planes ``dst`` from the blended channels: the passes' micro-CTs, then the mean softmax."""
+        if self.image_head:
+            passes = self.normalization.net_to_microct(blended[:self.samples]).astype(np.float32)
+            self.microct[dst] = passes.mean(axis=0)
+            if self.std is not None:
+                self.std[dst] = passes.std(axis=0)
+            if self.passes is not None:
+                self.passes[:, dst] = passes
+        if self.multitask:
+            probabilities = blended[self.n_images:self.n_images + 3]
+            self.labels[dst] = np.argmax(probabilities, axis=0).astype(np.uint8) + AIR
+            if self.entropy is not None:
+                self.entropy[dst] = _entropy(probabilities)
+
+
+def _window_runner(generator: nn.Module, samples: int, multitask: bool, image_head: bool, roi, device, precision,
+                   backend, sw_batch_size, mode: str) -> tuple[WindowPredictor, int]:
+    """The generator's passes as a predictor of windows, and how many windows go per call."""
+    if samples > 1 and enable_dropout(generator) == 0:
+        log("The model has no dropout: all samples are equal and the uncertainty is zero.", mode)
+    if samples > 1 and backend in (None, "auto"):
+        backend = "torch"  # stochastic passes keep dropout on, which only PyTorch runs
+    runner = WindowPredictor(_passes(generator, samples, multitask, image_head), roi, device, precision, backend)
+    batch_size = resolve_batch_size(sw_batch_size, roi, runner.device)
+    log(f"Synthesis: {runner.description}, {batch_size} window{'s' if batch_size > 1 else ''} per call.", mode)
+    return runner, batch_size
+
+
+def _carried_over(carry: _Blend | None, acc: _Blend) -> None:
+    """Hand ``acc`` the partial sums of the previous slab's windows that reach into it."""
+    if carry is None or carry.numerators is None:
+        return
+    n_keep = carry.start + carry.depth - acc.start
+    if n_keep > 0:
+        acc.numerators = [np.zeros((c.shape[0], acc.depth, *acc.shape_yx), dtype=np.float32) for c in carry.numerators]
+        for a, c in zip(acc.numerators, carry.numerators):
+            a[:, :n_keep] = c[:, acc.start - carry.start:]
+
+
+def _run_slabs(ct_image: sitk.Image, grid: Volume, tiling: _Tiling, normalization, outside_value: float,
+               runner: WindowPredictor, batch_size: int, outputs: _Outputs, bar: Progress, background) -> int:
+    """Every slab: the CT resampled onto it and normalised, its windows run and blended, its finished
+    planes written out and the rest carried over, one slab in memory at a time. Returns how many
+    windows were not run (``background``, see :func:`_run_windows`)."""
+    pad, work = tiling.pad_before, tiling.work
+    carry, skipped = None, 0
+    for g, rows in enumerate(tiling.slabs):
+        z_lo, z_hi = rows[0], rows[-1] + tiling.roi[0]
+        acc = _Blend(z_lo, z_hi - z_lo, tiling.shape_yx)
+        _carried_over(carry, acc)
+        carry = None  # only one slab in memory at a time
+        # The CT on this slab of the working grid (indices relative to the output grid).
+        start_xyz = (-int(pad[2]), -int(pad[1]), z_lo - int(pad[0]))
+        size_xyz = (int(work[2]), int(work[1]), z_hi - z_lo)
+        ct_slab = _resample(ct_image, grid, start_xyz, size_xyz, sitk.sitkLinear, outside_value, sitk.sitkFloat32)
+        net_in = torch.from_numpy(np.ascontiguousarray(normalization.ct_to_net(ct_slab), dtype=np.float32))[None]
+        del ct_slab
+        _, n_skipped = _run_windows(net_in, z_lo, tiling.positions(rows), tiling.roi, runner, batch_size,
+                                    tiling.weight, acc, bar, background=background)
+        skipped += n_skipped
+        del net_in
+        finished = tiling.finished(acc, tiling.slabs[g + 1][0] if g + 1 < len(tiling.slabs) else int(work[0]))
+        if finished is not None:
+            outputs.write(*finished)
+        carry = acc
+    return skipped
+
+
+def _result(outputs: _Outputs, grid: Volume, fov: np.ndarray, normalization, closing_radius_mm, mode: str) -> SynthesisResult:
+    """The outputs as volumes: nothing outside the CT (the darkest micro-CT value, label 0, no
+    spread); a single-task tissue map (and entropy over the passes) by the thesis' Otsu + closing."""
+    if outputs.microct is not None:
+        outputs.microct[~fov] = float(normalization.net_to_microct(np.float32(-1.0)))
+    if outputs.std is not None:
+        outputs.std[~fov] = 0.0
+    microct = grid.with_array(outputs.microct) if outputs.microct is not None else None
+    entropy = outputs.entropy
+    if outputs.multitask:
+        labels = outputs.labels
+    else:
+        log("Tissue map of the synthetic micro-CT: multi-Otsu and closing.", mode)
+        labels = _otsu_tissue(microct, fov, closing_radius_mm)
+        if entropy is not None and outputs.samples > 1:
+            counts = np.zeros((3, *grid.shape), dtype=np.uint16)
+            for k in range(outputs.samples):
+                pass_labels = _otsu_tissue(grid.with_array(np.asarray(outputs.passes[k])), fov, closing_radius_mm)
+                for c in range(3):
+                    counts[c] += pass_labels == c + AIR
+            entropy = _entropy(counts.astype(np.float32) / outputs.samples)
+    labels[~fov] = OUTSIDE
+    if entropy is not None:
+        entropy[~fov] = 0.0
+    return SynthesisResult(microct=microct, tissue=grid.with_array(labels),
+                           std=grid.with_array(outputs.std) if outputs.std is not None else None,
+                           entropy=grid.with_array(entropy) if entropy is not None else None)
+
+
 def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normalization, patch_size: int,
-                       multitask: bool = False, overlap=0.5, blend="gaussian", samples=1, device="cpu",
+                       multitask: bool = False, overlap=SYNTHESIS_OVERLAP, blend="gaussian", samples=1, device="cpu",
                        progress="none", chunk_voxels=DEFAULT_CHUNK_VOXELS, sw_batch_size="auto",
                        closing_radius_mm=None, spacing_mm=None, precision="auto", backend="auto",
                        entropy=None, skip_background=True, image_head=True) -> SynthesisResult:
@@ -504,151 +641,43 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
     if spacing_mm is not None and not np.allclose(grid.spacing, _triple(spacing_mm, "spacing_mm"), rtol=0.01):
         # The network only knows its own voxel size: synthesize at it over the same field of
         # view, then resample onto the requested grid.
-        work = regrid(grid, spacing_mm)
-        result = synthesize_on_grid(ct, work, generator, normalization, patch_size, multitask, overlap, blend, samples,
-                                    device, progress, chunk_voxels, sw_batch_size, closing_radius_mm,
-                                    precision=precision, backend=backend, entropy=want_entropy,
-                                    skip_background=skip_background, image_head=image_head)
+        result = synthesize_on_grid(
+            ct, regrid(grid, spacing_mm), generator, normalization, patch_size, multitask=multitask, overlap=overlap,
+            blend=blend, samples=samples, device=device, progress=progress, chunk_voxels=chunk_voxels,
+            sw_batch_size=sw_batch_size, closing_radius_mm=closing_radius_mm, precision=precision, backend=backend,
+            entropy=want_entropy, skip_background=skip_background, image_head=image_head)
         return _resample_result(result, grid, field_of_view(ct, grid), float(normalization.net_to_microct(np.float32(-1.0))))
-    overlap = _check_overlap(overlap)
+    overlap = check_overlap(overlap)
     if blend not in BLEND_MODES:
         raise MicroCTSynthError(f"The blending mode must be one of {', '.join(BLEND_MODES)}, not {blend!r}.")
-    device = resolve_device(device)
-    roi = (int(patch_size),) * 3
+    tiling = _Tiling(grid.shape, patch_size, overlap, blend, chunk_voxels)
+    device, mode = resolve_device(device), _mode(progress)
     ct_image = ct.to_sitk()
     if ct_image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
         ct_image = sitk.Cast(ct_image, sitk.sitkFloat32)
     fov = field_of_view(ct_image, grid)
     if not fov.any():
         raise MicroCTSynthError("The region of interest lies entirely outside the CT; centre it on the cochlea.")
-
     generator = generator.to(device).eval()
-    if samples > 1 and enable_dropout(generator) == 0:
-        log("The model has no dropout: all samples are equal and the uncertainty is zero.", _mode(progress))
     multitask = multitask or not image_head
-    n_images = samples if image_head else 0
-    predictor = _passes(generator, samples, multitask, image_head)
-    if samples > 1 and backend in (None, "auto"):
-        backend = "torch"  # stochastic passes keep dropout on, which only PyTorch runs
-    runner = WindowPredictor(predictor, roi, device, precision, backend)
-    batch_size = resolve_batch_size(sw_batch_size, roi, runner.device)
-    log(f"Synthesis: {runner.description}, {batch_size} window{'s' if batch_size > 1 else ''} per call.", _mode(progress))
-
-    # Work on a grid at least a window wide; the CT fills the margin (cropped at the end).
-    shape = np.asarray(grid.shape)
-    pad_before = np.maximum(np.asarray(roi) - shape, 0) // 2
-    work = np.maximum(shape, roi)
-    shape_yx = (int(work[1]), int(work[2]))
-    starts = [patch_starts(int(n), r, overlap) for n, r in zip(work, roi)]
-    weight = importance_map(roi, blend)
-    n_windows = len(starts[0]) * len(starts[1]) * len(starts[2])
-    groups = _slab_groups(starts[0], roi[0], int(work[1] * work[2]), chunk_voxels)
+    runner, batch_size = _window_runner(generator, samples, multitask, image_head, tiling.roi, device, precision,
+                                        backend, sw_batch_size, mode)
+    # Outside the CT: the darkest value of the CT window, whose network value is the floor of a window.
     outside_value = float(normalization.ct_window[0]) if hasattr(normalization, "ct_window") else -1000.0
     floor = float(np.min(normalization.ct_to_net(np.float32([outside_value, outside_value - 1.0]))))
-
-    out_microct = np.zeros(grid.shape, dtype=np.float32) if image_head else None
-    out_std = np.zeros(grid.shape, dtype=np.float32) if samples > 1 and image_head else None
-    out_labels = np.zeros(grid.shape, dtype=np.uint8) if multitask else None
-    out_entropy = np.zeros(grid.shape, dtype=np.float32) if want_entropy else None
-    passes_dir = None
-    out_passes = None
-    if samples > 1 and not multitask and want_entropy:
-        # Single-task entropy needs each pass' whole volume (Otsu is global): kept on disk.
-        passes_dir = tempfile.TemporaryDirectory(prefix="microctsynth-passes-")
-        out_passes = np.lib.format.open_memmap(os.path.join(passes_dir.name, "passes.npy"), mode="w+",
-                                               dtype=np.float32, shape=(samples, *grid.shape))
-
-    def flush(acc: _Blend, z_end: int):
-        """Write planes [acc.start, z_end) of the working grid into the outputs."""
-        z0 = acc.start
-        lo, hi = max(z0, int(pad_before[0])), min(z_end, int(pad_before[0] + shape[0]))
-        if hi <= lo:
-            return
-        src = (slice(lo - z0, hi - z0), slice(pad_before[1], pad_before[1] + shape[1]),
-               slice(pad_before[2], pad_before[2] + shape[2]))
-        dst = slice(lo - pad_before[0], hi - pad_before[0])
-        blended = acc.numerators[0][(slice(None),) + src]
-        blended /= weight_sum(lo, hi, starts, roi, weight, shape_yx)[(slice(None),) + src[1:]]
-        if image_head:
-            passes = normalization.net_to_microct(blended[:samples]).astype(np.float32)
-            out_microct[dst] = passes.mean(axis=0)
-            if out_std is not None:
-                out_std[dst] = passes.std(axis=0)
-            if out_passes is not None:
-                out_passes[:, dst] = passes
-        if multitask:
-            probabilities = blended[n_images:n_images + 3]
-            out_labels[dst] = np.argmax(probabilities, axis=0).astype(np.uint8) + AIR
-            if out_entropy is not None:
-                out_entropy[dst] = _entropy(probabilities)
-
-    progress_bar = progress if isinstance(progress, Progress) else Progress(n_windows, "synthesize", _mode(progress), unit="patch")
-    carry = None
-    skipped = 0
-    try:
-        for g, group in enumerate(groups):
-            z_lo, z_hi = group[0], group[-1] + roi[0]
-            acc = _Blend(z_lo, z_hi - z_lo, shape_yx)
-            if carry is not None and carry.numerators is not None:
-                # Partial sums of the previous slab's windows that reach into this one.
-                n_keep = carry.start + carry.depth - z_lo
-                if n_keep > 0:
-                    acc.numerators = [np.zeros((c.shape[0], acc.depth, *shape_yx), dtype=np.float32)
-                                      for c in carry.numerators]
-                    for a, c in zip(acc.numerators, carry.numerators):
-                        a[:, :n_keep] = c[:, z_lo - carry.start:]
-            carry = None  # only one slab in memory at a time
-            positions = [(z, y, x) for z in group for y in starts[1] for x in starts[2]]
-            # The CT on this slab of the working grid (indices relative to the output grid).
-            start_xyz = (-int(pad_before[2]), -int(pad_before[1]), z_lo - int(pad_before[0]))
-            size_xyz = (int(work[2]), int(work[1]), z_hi - z_lo)
-            ct_slab = _resample(ct_image, grid, start_xyz, size_xyz, sitk.sitkLinear, outside_value, sitk.sitkFloat32)
-            net_in = torch.from_numpy(np.ascontiguousarray(normalization.ct_to_net(ct_slab), dtype=np.float32))[None]
-            del ct_slab
-            _, n_skipped = _run_windows(net_in, z_lo, positions, roi, runner, batch_size, weight, acc, progress_bar,
-                                        background=floor if skip_background else None)
-            skipped += n_skipped
-            del net_in
-            z_next = groups[g + 1][0] if g + 1 < len(groups) else int(work[0])
-            flush(acc, z_next)
-            carry = acc
-        del carry
-    finally:
-        generator.eval()  # dropout off again: the caller gets the network as it was handed over
-        if not isinstance(progress, Progress):
-            progress_bar.close()
-    if skipped:
-        log(f"{skipped} of {n_windows} windows lie wholly outside the CT or in air below its window: "
-            "not run, they take the network's output for such a window.", _mode(progress))
-
-    # Outside the CT there is nothing to synthesize from: the darkest micro-CT value, label 0.
-    if out_microct is not None:
-        out_microct[~fov] = float(normalization.net_to_microct(np.float32(-1.0)))
-    if out_std is not None:
-        out_std[~fov] = 0.0
-    microct = grid.with_array(out_microct) if out_microct is not None else None
-    if multitask:
-        labels = out_labels
-    else:
-        log("Tissue map of the synthetic micro-CT: multi-Otsu and closing.", _mode(progress))
-        labels = _otsu_tissue(microct, fov, closing_radius_mm)
-        if out_entropy is not None and samples > 1:
-            counts = np.zeros((3, *grid.shape), dtype=np.uint16)
-            for k in range(samples):
-                pass_labels = _otsu_tissue(grid.with_array(np.asarray(out_passes[k])), fov, closing_radius_mm)
-                for c in range(3):
-                    counts[c] += pass_labels == c + AIR
-            out_entropy = _entropy(counts.astype(np.float32) / samples)
-            del counts
-    if passes_dir is not None:
-        del out_passes
-        passes_dir.cleanup()
-    labels[~fov] = OUTSIDE
-    if out_entropy is not None:
-        out_entropy[~fov] = 0.0
-    return SynthesisResult(microct=microct, tissue=grid.with_array(labels),
-                           std=grid.with_array(out_std) if out_std is not None else None,
-                           entropy=grid.with_array(out_entropy) if out_entropy is not None else None)
+    bar = progress if isinstance(progress, Progress) else Progress(tiling.n_windows, "synthesize", mode, unit="patch")
+    with _Outputs(grid.shape, samples, image_head, multitask, want_entropy, normalization) as outputs:
+        try:
+            skipped = _run_slabs(ct_image, grid, tiling, normalization, outside_value, runner, batch_size, outputs, bar,
+                                 floor if skip_background else None)
+        finally:
+            generator.eval()  # dropout off again: the caller gets the network as it was handed over
+            if bar is not progress:
+                bar.close()
+        if skipped:
+            log(f"{skipped} of {tiling.n_windows} windows lie wholly outside the CT or in air below its window: "
+                "not run, they take the network's output for such a window.", mode)
+        return _result(outputs, grid, fov, normalization, closing_radius_mm, mode)
 
 
 def regrid(grid: Volume, spacing_mm) -> Volume:
@@ -695,14 +724,21 @@ def model_spacing(meta: dict) -> tuple[float, float, float]:
     return tuple(float(s) * factor for s in _triple(spacing, "spacing_mm", float))
 
 
-def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=0.5, blend="gaussian",
+def model_overlap(meta: dict) -> float:
+    """The window overlap the model's preset gives synthesis (``synthesis_overlap``), or
+    :data:`~MicroCTSynthLib.tiling.SYNTHESIS_OVERLAP` for a checkpoint without one."""
+    return check_overlap((meta.get("preset") or {}).get("synthesis_overlap", SYNTHESIS_OVERLAP))
+
+
+def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=None, blend="gaussian",
                samples=1, device="auto", progress="none", chunk_voxels=DEFAULT_CHUNK_VOXELS, precision="auto",
                backend="auto", sw_batch_size="auto", entropy=None) -> SynthesisResult:
     """Synthetic micro-CT and tissue map of ``ct`` with the trained model at ``model_path``.
 
     ``roi``: (centre x, y, z mm, size mm) of the output region; ``reference``: a
     :class:`Volume` (or path) whose grid the output takes; neither: the CT's field of view.
-    ``overlap`` 0 is the thesis' tiling; ``blend`` "gaussian" or "constant"; ``samples`` > 1
+    ``overlap``: a fraction of the window (:mod:`tiling`; 0 is the thesis' tiling), by default the
+    model's own (:func:`model_overlap`); ``blend`` "gaussian" or "constant"; ``samples`` > 1
     keeps dropout on for that many stochastic passes; ``progress`` "bar", "json", "none" or a
     :class:`Progress`. ``chunk_voxels`` bounds the slab processed at once. ``precision``,
     ``backend``, ``sw_batch_size``: see :mod:`MicroCTSynthLib.inference`; ``entropy``: see
@@ -736,6 +772,7 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=0.5, bl
                  f"Synthesizing a grid of {grid.shape[2]} x {grid.shape[1]} x {grid.shape[0]} voxels",
                  "give a smaller region of interest (--roi) or fewer --samples", dev)
     closing = (meta.get("preset") or {}).get("tissue_closing_radius_mm")
+    overlap = model_overlap(meta) if overlap is None else overlap
     return synthesize_on_grid(ct, grid, generator, normalization, patch_size, multitask=multitask, overlap=overlap,
                               blend=blend, samples=samples, device=dev, progress=progress, chunk_voxels=chunk_voxels,
                               closing_radius_mm=closing, spacing_mm=spacing, precision=precision, backend=backend,
@@ -755,19 +792,30 @@ def parse_roi(center: str, size: str) -> tuple[tuple[float, float, float], tuple
     return tuple(c), tuple(s * 3 if len(s) == 1 else s)
 
 
+def _region_of_interest(args):
+    """(centre, size) of ``--roi-center`` and ``--roi-size``, or None when neither is given."""
+    if args.roi_center is None and args.roi_size is None:
+        return None
+    if args.roi_center is None or args.roi_size is None:
+        raise MicroCTSynthError("A region of interest needs both --roi-center and --roi-size.")
+    if args.reference_grid:
+        raise MicroCTSynthError("Give either a region of interest (--roi-center, --roi-size) or --reference-grid, not both.")
+    return parse_roi(args.roi_center, args.roi_size)
+
+
 def command_synthesize(args) -> int:
     """``microctsynth synthesize``: write the synthetic micro-CT, tissue map and uncertainty."""
     if args.uncertainty and args.samples < 2:
         raise MicroCTSynthError("The uncertainty needs --samples of 2 or more: one deterministic pass has no spread.")
     if not Path(args.model).exists():
         raise MicroCTSynthError(f"The model file '{args.model}' does not exist: check the path.")
+    roi = _region_of_interest(args)
     ct = read_volume(args.ct, f"The CT '{args.ct}'")
-    roi = parse_roi(*args.roi) if args.roi else None
     reference = read_volume(args.reference_grid, f"The reference grid '{args.reference_grid}'") if args.reference_grid else None
     result = synthesize(ct, args.model, roi=roi, reference=reference, overlap=args.overlap, blend=args.blend,
                         samples=args.samples, device=args.device, progress=args.progress,
-                        precision=getattr(args, "precision", "auto"), backend=getattr(args, "backend", "auto"),
-                        sw_batch_size=getattr(args, "sw_batch_size", "auto"), entropy=bool(getattr(args, "entropy", None)))
+                        precision=args.precision, backend=args.backend, sw_batch_size=args.sw_batch_size,
+                        entropy=bool(args.entropy))
     outputs = {"tissue": str(write_volume(result.tissue, args.out_tissue))}
     if result.microct is not None and args.out_microct:
         outputs["microct"] = str(write_volume(result.microct, args.out_microct))
@@ -776,10 +824,7 @@ def command_synthesize(args) -> int:
             "is not written.", args.progress)
     if args.uncertainty:
         outputs["uncertainty"] = str(write_volume(result.std, args.uncertainty))
-    if getattr(args, "entropy", None):
+    if args.entropy:
         outputs["entropy"] = str(write_volume(result.entropy, args.entropy))
-    if args.progress == "json":
-        emit_json("result", outputs=outputs)
-    else:
-        log("Wrote " + ", ".join(f"{k} {v}" for k, v in outputs.items()), args.progress)
+    report_result(args.progress, "Wrote " + ", ".join(f"{k} {v}" for k, v in outputs.items()), outputs=outputs)
     return 0

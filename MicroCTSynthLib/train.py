@@ -10,7 +10,9 @@ epochs and at the end; ``best.pt`` is the epoch with the lowest validation loss 
 
 The run folder holds the checkpoints, ``tensorboard/`` (every loss term, the learning rate and
 mid-slices of real_A, fake_B, real_B, and for multitask the class maps), ``snapshots/`` (the same
-pictures as PNG), ``validation_loss.png`` (the thesis' Fig. 6) and ``history.json``.
+pictures as PNG), ``validation_loss.png`` (the thesis' Fig. 6), ``history.json``, and how the run
+was made (as pix2pix's ``opt.txt``): ``preset.json``, the resolved preset, and ``command.txt``, the
+command line (or Python call) of each start, one a line.
 
 Determinism: the seed fixes torch, numpy and Python's generators; each epoch's patch order comes
 from seed + epoch; checkpoints keep the generators' states, so ``--resume`` continues the very run
@@ -35,24 +37,26 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .choices import MODEL_TITLES, check_model_kind
 from .checkpoint import (check_network_arguments, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .data import Normalization, PatchDataset, build_datasets, patch_sampler
 from .augment import randomize_ct
-from .inference import configure_cuda, cpu_has_native_bf16
+from .inference import configure_cuda, cpu_has_native_bf16, resolve_device
 from .errors import MicroCTSynthError
 from .losses import GANLoss, discriminator_loss, generator_loss, loss_options, segmentation_loss, validation_loss
 from .networks import Discriminator, Generator, Segmenter, segmenter_levels
 from .dataset import Dataset
 from .memory import check_memory, training_bytes
 from .presets import load_preset
-from .progress import Progress, emit_json, log
+from .progress import Progress, log, report_result, warn
 from .safety import FolderLock
 from .volume import atomic_path, write_json
 
-__all__ = ["train", "command_train", "training_step", "lr_lambda", "make_scheduler", "resolve_device",
-           "loss_weights", "build_networks", "fingerprint", "RunFiles"]
+__all__ = ["train", "command_train", "training_step", "lr_lambda", "make_scheduler", "loss_weights", "build_networks",
+           "fingerprint", "RunFiles"]
 
-MODELS = ("single", "multi", "segmenter")
+#: What each model's validation loss adds up (Table 2; the segmenter's is its training loss).
+VALIDATION_LOSS = {"single": "weighted L1 + perceptual", "multi": "weighted L1 + Dice", "segmenter": "Dice + cross-entropy"}
 VALIDATION_TERMS = ("val_loss", "val_L1", "val_perceptual", "val_dice", "val_ce")
 
 
@@ -90,33 +94,13 @@ def loss_weights(preset: dict, model: str) -> dict:
 def build_networks(preset: dict, model: str) -> tuple:
     """G and D as the preset describes them (pix2pix initialisation, drawn from torch's generator);
     for ``segmenter`` the DynUNet and no discriminator."""
-    if model not in MODELS:
-        raise MicroCTSynthError(f"The model is 'single', 'multi' or 'segmenter', not '{model}'.")
-    if model == "segmenter":
+    if check_model_kind(model) == "segmenter":
         return Segmenter(filters=int(preset["segmenter_filters"]), levels=segmenter_levels(preset["patch_size"])), None
     generator = Generator(in_channels=1, ngf=int(preset["ngf"]), n_blocks=int(preset["n_blocks"]),
                           multitask=model == "multi", dropout=float(preset["dropout"]),
                           input_skip=bool(preset.get("input_skip", False)))
     discriminator = Discriminator(in_channels=2, ndf=int(preset["ndf"]), n_layers=int(preset["n_layers_D"]))
     return generator, discriminator
-
-
-def resolve_device(device="auto", local_rank: int = 0) -> torch.device:
-    """``auto``: CUDA when present (the process' own GPU under torchrun), else CPU."""
-    name = str(device or "auto").lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MicroCTSynthError(f"The device '{device}' was asked for, but this computer has no usable CUDA GPU; use --device cpu.")
-        if name == "cuda":
-            name = f"cuda:{local_rank % torch.cuda.device_count()}"
-    elif name != "cpu":
-        raise MicroCTSynthError(f"The device must be auto, cpu, cuda or cuda:N, not '{device}'.")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise MicroCTSynthError(f"The device must be auto, cpu, cuda or cuda:N, not '{device}'.") from None
 
 
 # -- distributed -----------------------------------------------------------------------------------
@@ -182,6 +166,8 @@ class RunFiles:
         self.curve = self.root / "validation_loss.png"
         self.snapshots = self.root / "snapshots"
         self.tensorboard = self.root / "tensorboard"
+        self.preset = self.root / "preset.json"      # the resolved preset of the latest start
+        self.command = self.root / "command.txt"     # each command that started or continued the run
 
     def epoch(self, epoch: int) -> Path:
         return self.root / f"epoch_{epoch:03d}.pt"
@@ -236,10 +222,9 @@ def _save_curve(path: Path, history: list[dict], model: str) -> None:
         best = min(points, key=lambda p: p[1])
         ax.plot([best[0]], [best[1]], "r*", markersize=12, label=f"best: epoch {best[0]}")
         ax.legend()
-    terms = "weighted L1 + perceptual" if model == "single" else "weighted L1 + Dice"
     ax.set_xlabel("epoch")
-    ax.set_ylabel(f"validation loss ({terms})")
-    ax.set_title(f"{'Single-task' if model == 'single' else 'Multitask'} cGAN: validation loss")
+    ax.set_ylabel(f"validation loss ({VALIDATION_LOSS[model]})")
+    ax.set_title(f"{MODEL_TITLES[model][0].upper()}{MODEL_TITLES[model][1:]}: validation loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -361,7 +346,7 @@ def _snapshot_item(train: PatchDataset, val: PatchDataset | None) -> dict:
 # -- training ----------------------------------------------------------------------------------------
 def train(data_dir, group: str = "A", model: str = "single", preset="quick", out=None, epochs_constant=None,
           epochs_decay=None, device="auto", amp: bool | None = None, resume=None, seed: int = 0, progress="bar",
-          overwrite: bool = False, allow_mismatch: bool = False) -> Path:
+          overwrite: bool = False, allow_mismatch: bool = False, command: str | None = None) -> Path:
     """Train the single-task (Eq. 5) or multitask (Eq. 6) 3D cGAN on ``group`` of ``data_dir``, or
     (``model="segmenter"``) the direct segmenter on the same patches with Dice + cross-entropy.
 
@@ -373,29 +358,39 @@ def train(data_dir, group: str = "A", model: str = "single", preset="quick", out
     A run folder that holds a run is refused unless ``resume`` or ``overwrite`` (which deletes
     its checkpoints first); a checkpoint of another group or other cases is refused on resume
     unless ``allow_mismatch``. The run folder is locked while the run lasts.
+    The run folder says how it was made: ``preset.json``, the resolved preset, and
+    ``command.txt``, one line per start: ``command`` (the command line passes its own) or this call.
     Returns the path of ``best.pt``.
     """
-    if model not in MODELS:
-        raise MicroCTSynthError(f"The model is 'single' or 'multi', not '{model}'.")
+    if command is None:
+        command = _call(data_dir, group=group, model=model, preset=preset, out=out, epochs_constant=epochs_constant,
+                        epochs_decay=epochs_decay, device=device, amp=amp, resume=resume, seed=seed,
+                        overwrite=overwrite, allow_mismatch=allow_mismatch)
+    check_model_kind(model)
     dist = _Distributed()
     dev = resolve_device(device, dist.local_rank)
     dist.start(dev)
     mode = progress if dist.main else "none"
     preset = _resolve_preset(preset, model, epochs_constant, epochs_decay, dev)
     files = RunFiles(out if out is not None else Path(data_dir) / "runs" / f"{group}_{model}")
-    lock = FolderLock(files.root, "run folder", log=lambda m: log(m, _loud(mode))) if dist.main else nullcontext()
+    lock = FolderLock(files.root, "run folder", log=lambda m: warn(m, mode)) if dist.main else nullcontext()
     try:
         with lock:
             if dist.main:
                 _claim_run_folder(files, resume, overwrite, mode)
-            return _train(data_dir, group, model, preset, files, dev, amp, resume, int(seed), mode, dist, allow_mismatch)
+            return _Trainer(data_dir, group, model, preset, files, dev, amp, resume, int(seed), mode, dist,
+                            allow_mismatch, command).run()
     finally:
         dist.stop()
 
 
-def _loud(mode: str) -> str:
-    """What must reach the user even with ``--progress none`` (a lock taken over) goes to stderr then."""
-    return "json" if mode == "json" else "bar"
+def _call(data_dir, **options) -> str:
+    """This call of :func:`train`, for ``command.txt`` (a preset given as a dict is in ``preset.json``)."""
+    shown = [repr(str(data_dir))]
+    for key, value in options.items():
+        value = "preset.json" if isinstance(value, dict) else str(value) if isinstance(value, Path) else value
+        shown.append(f"{key}={value!r}")
+    return f"MicroCTSynthLib.train.train({', '.join(shown)})"
 
 
 def _claim_run_folder(files: "RunFiles", resume, overwrite: bool, mode: str) -> None:
@@ -410,7 +405,7 @@ def _claim_run_folder(files: "RunFiles", resume, overwrite: bool, mode: str) -> 
             "or start afresh with --overwrite (which deletes its checkpoints).")
     import shutil
 
-    for path in old + [files.history, files.curve, files.root / "complete.json"]:
+    for path in old + [files.history, files.curve, files.preset, files.command, files.root / "complete.json"]:
         path.unlink(missing_ok=True)
     for folder in (files.snapshots, files.tensorboard):
         shutil.rmtree(folder, ignore_errors=True)
@@ -420,8 +415,9 @@ def _claim_run_folder(files: "RunFiles", resume, overwrite: bool, mode: str) -> 
 def _check_resumed(checkpoint: dict, path, model: str, group: str, cases: dict, allow: bool) -> None:
     """Refuse to resume a checkpoint of another model, group or set of cases (unless ``allow``)."""
     if checkpoint.get("model") != model:
-        raise MicroCTSynthError(f"The checkpoint '{path}' is a {checkpoint.get('model')}-task model; "
-                                f"resume it with --model {checkpoint.get('model')}.")
+        saved = checkpoint.get("model")
+        raise MicroCTSynthError(f"The checkpoint '{path}' holds a {MODEL_TITLES.get(saved, saved)}; "
+                                f"resume it with --model {saved}.")
     if allow:
         return
     saved_group, saved_cases = checkpoint.get("group"), checkpoint.get("cases")
@@ -464,7 +460,7 @@ def _resolve_preset(name, model: str, epochs_constant, epochs_decay, dev) -> dic
     n_epochs, n_decay = int(preset["n_epochs"]), int(preset["n_epochs_decay"])
     if n_epochs < 0 or n_decay < 0 or n_epochs + n_decay < 1:
         raise MicroCTSynthError(f"Training needs at least one epoch (got {n_epochs} constant + {n_decay} decay).")
-    check_memory(training_bytes(preset, model), f"Training the {model}-task cGAN on {preset['patch_size']}^3 patches "
+    check_memory(training_bytes(preset, model), f"Training the {MODEL_TITLES[model]} on {preset['patch_size']}^3 patches "
                  f"with ngf {preset['ngf']}", "use smaller patches (patch_size) or a narrower network (ngf, ndf)", dev)
     return preset
 
@@ -485,224 +481,307 @@ def _resolve_amp(amp, preset: dict, dev: torch.device, mode: str) -> bool:
     return bool(amp)
 
 
-def _train(data_dir, group, model, preset, files, dev, amp, resume, seed, mode,
-           dist: _Distributed, allow_mismatch: bool = False) -> Path:
-    n_epochs, n_decay = int(preset["n_epochs"]), int(preset["n_epochs_decay"])
-    total_epochs = n_epochs + n_decay
-    multitask = model == "multi"
-    amp = _resolve_amp(amp, preset, dev, mode)
+class _Networks:
+    """The networks of a run with their optimisers, schedules and losses (the segmenter has no
+    discriminator): made as the preset says, restored from a checkpoint, placed on the device."""
 
-    def autocast():
-        return torch.autocast(dev.type, dtype=torch.bfloat16) if amp else nullcontext()
+    def __init__(self, preset: dict, model: str, patch_size: int):
+        n_epochs, n_decay = int(preset["n_epochs"]), int(preset["n_epochs_decay"])
+        self.model, self.multitask = model, model == "multi"
+        self.generator, self.discriminator = build_networks(preset, model)
+        self.gan = self.discriminator is not None
+        if self.gan and patch_size < self.discriminator.min_size:
+            raise MicroCTSynthError(f"Patches of {patch_size} voxels are too small for the discriminator with "
+                                    f"{preset['n_layers_D']} strided layers (at least {self.discriminator.min_size}).")
+        lr, beta1 = float(preset["lr"]), float(preset["beta1"])
+        # The segmenter: Adam with its usual betas (nnU-Net's own SGD needs 1000 epochs), the same schedule.
+        self.optimizer_G = torch.optim.Adam(self.generator.parameters(), lr=lr, betas=(beta1 if self.gan else 0.9, 0.999))
+        self.optimizer_D = (torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=(beta1, 0.999))
+                            if self.gan else None)
+        self.scheduler_G = make_scheduler(self.optimizer_G, n_epochs, n_decay)
+        self.scheduler_D = make_scheduler(self.optimizer_D, n_epochs, n_decay) if self.gan else None
+        self.gan_loss = GANLoss(preset.get("gan_mode", "vanilla"))
+        self.weights = loss_weights(preset, model)
+        self.options = loss_options(preset)
+        self.G, self.D = self.generator, self.discriminator  # as trained: DDP-wrapped in a distributed run
 
-    checkpoint = None
-    if resume:
-        path = files.last if str(resume) == "last" else Path(resume)
+    @property
+    def networks(self) -> dict:
+        return {"generator": self.generator, **({"discriminator": self.discriminator} if self.gan else {})}
+
+    @property
+    def optimizers(self) -> list:
+        return [o for o in (self.optimizer_G, self.optimizer_D) if o is not None]
+
+    @property
+    def schedulers(self) -> list:
+        return [s for s in (self.scheduler_G, self.scheduler_D) if s is not None]
+
+    def restore(self, checkpoint: dict, path, patch: dict, lr: float, mode: str) -> None:
+        """Weights, optimisers and schedules of ``checkpoint`` (refused if its networks or ``patch``
+        setting differ); the preset's learning rate where it changed."""
+        check_network_arguments(checkpoint["generator_args"], self.generator.arguments, "generator", path)
+        check_network_arguments({"patch_size": checkpoint["patch_size"], "downsample": checkpoint.get("downsample", 1)},
+                                patch, "patch setting", path)
+        self.generator.load_state_dict(checkpoint["generator"])
+        self.optimizer_G.load_state_dict(checkpoint["optimizer_G"])
+        self.scheduler_G.load_state_dict(checkpoint["scheduler_G"])
+        if self.gan:
+            check_network_arguments(checkpoint.get("discriminator_args", {}), self.discriminator.arguments,
+                                    "discriminator", path)
+            self.discriminator.load_state_dict(checkpoint["discriminator"])
+            self.optimizer_D.load_state_dict(checkpoint["optimizer_D"])
+            self.scheduler_D.load_state_dict(checkpoint["scheduler_D"])
+        _apply_new_lr(checkpoint, lr, self.optimizers, self.schedulers, mode)
+
+    def place(self, dev: torch.device, dist: _Distributed) -> None:
+        """Networks, loss and optimiser states on ``dev`` in training mode; DDP-wrapped when distributed."""
+        for net in self.networks.values():
+            net.to(dev).train()
+        self.gan_loss.to(dev)
+        for optimizer in self.optimizers:
+            _optimizer_to(optimizer, dev)
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [dev.index] if dev.type == "cuda" else None
+            self.G = DDP(self.generator, device_ids=ids)
+            self.D = DDP(self.discriminator, device_ids=ids) if self.gan else None
+        if dev.type == "cuda":
+            # Every patch has one shape: cuDNN autotunes each convolution once. Channels-last 3D feeds
+            # its bf16 / tf32 tensor-core kernels; pinned batches copy to the GPU without blocking.
+            configure_cuda(dev)
+            for net in self.networks.values():
+                net.to(memory_format=torch.channels_last_3d)
+
+    def step(self, real_A, real_B, tissue, autocast) -> dict[str, float]:
+        """One iteration: the thesis' G then D step, or the segmenter's step."""
+        if self.gan:
+            return training_step(self.G, self.D, self.discriminator, self.optimizer_G, self.optimizer_D, real_A, real_B,
+                                 tissue, self.gan_loss, self.weights, self.multitask, autocast, self.options)
+        return segmenter_step(self.G, self.optimizer_G, real_A, tissue, autocast, self.options)
+
+    def state(self) -> dict:
+        """The networks' part of a checkpoint."""
+        gan = self.gan
+        return {"model": self.model, "generator": self.generator.state_dict(),
+                "discriminator": self.discriminator.state_dict() if gan else None,
+                "optimizer_G": self.optimizer_G.state_dict(), "optimizer_D": self.optimizer_D.state_dict() if gan else None,
+                "scheduler_G": self.scheduler_G.state_dict(), "scheduler_D": self.scheduler_D.state_dict() if gan else None,
+                "generator_args": self.generator.arguments,
+                "discriminator_args": self.discriminator.arguments if gan else {}}
+
+
+class _Trainer:
+    """One run of :func:`train` in its parts: made in the order the run needs them (resumed
+    checkpoint, data, networks, device, loader), then :meth:`run` trains epoch by epoch; rank 0
+    validates, monitors and writes every file."""
+
+    def __init__(self, data_dir, group, model, preset, files, dev, amp, resume, seed, mode, dist: _Distributed,
+                 allow_mismatch: bool = False, command: str = ""):
+        self.group, self.model, self.preset, self.files, self.dev = group, model, preset, files, dev
+        self.seed, self.mode, self.dist, self.command = seed, mode, dist, command
+        self.total_epochs = int(preset["n_epochs"]) + int(preset["n_epochs_decay"])
+        self.amp = _resolve_amp(amp, preset, dev, mode)
+        self.checkpoint = self._checkpoint_to_resume(resume, data_dir, allow_mismatch)
+        _seed_everything(seed)
+        # A resumed run keeps the normalisation its networks learnt with, even if the cases changed since.
+        self.data = build_datasets(data_dir, group, preset, normalization=None if self.checkpoint is None
+                                   else Normalization.from_dict(self.checkpoint["normalization"]))
+        self.train_set, self.val_set = self.data["train"], self.data["val"]
+        if self.data.get("warning") and dist.main:
+            warn(self.data["warning"], mode)
+        self.nets = _Networks(preset, model, self.train_set.patch_size)
+        self.start_epoch, self.history = 0, []
+        if self.checkpoint is not None:
+            self._resume()
+        elif dist.rank > 0:
+            # Same initial weights on every rank (DDP broadcasts rank 0's anyway), own dropout noise.
+            torch.manual_seed(seed + 1_000_003 * dist.rank)
+        self.nets.place(dev, dist)
+        self.sampler = patch_sampler(self.train_set, shuffle=True, seed=seed, max_patches=preset.get("max_patches_per_epoch"))
+        self.loader = DataLoader(self.train_set, batch_size=int(preset.get("batch_size", 1)), sampler=self.sampler,
+                                 num_workers=0, pin_memory=dev.type == "cuda")
+        self.steps_per_epoch = len(self.loader)
+        self.best_val = min((h["val_loss"] for h in self.history if h.get("val_loss") is not None), default=math.inf)
+        self.fingerprints = None
+        self.writer = self.snapshot_item = None
+
+    def autocast(self):
+        return torch.autocast(self.dev.type, dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    def _checkpoint_to_resume(self, resume, data_dir, allow_mismatch: bool) -> dict | None:
+        if not resume:
+            return None
+        files = self.files
+        self.checkpoint_path = path = files.last if str(resume) == "last" else Path(resume)
         if str(resume) == "last" and not path.exists():
             raise MicroCTSynthError(f"There is no run to resume in '{files.root}' (no last.pt); start it without --resume.")
         checkpoint = load_checkpoint(path, map_location="cpu")
-        _check_resumed(checkpoint, path, model, group, Dataset.load(data_dir).group(group), allow_mismatch)
+        _check_resumed(checkpoint, path, self.model, self.group, Dataset.load(data_dir).group(self.group), allow_mismatch)
+        return checkpoint
 
-    _seed_everything(seed)
-    # A resumed run keeps the normalisation its networks learnt with, even if the cases changed since.
-    data = build_datasets(data_dir, group, preset,
-                          normalization=None if checkpoint is None else Normalization.from_dict(checkpoint["normalization"]))
-    train_set, val_set = data["train"], data["val"]
-    if data.get("warning") and dist.main:
-        log(data["warning"], _loud(mode))
-    normalization: Normalization = data["normalization"]
-    generator, discriminator = build_networks(preset, model)
-    gan = discriminator is not None
-    if gan and train_set.patch_size < discriminator.min_size:
-        raise MicroCTSynthError(f"Patches of {train_set.patch_size} voxels are too small for the discriminator with "
-                                f"{preset['n_layers_D']} strided layers (at least {discriminator.min_size}).")
-    lr, beta1 = float(preset["lr"]), float(preset["beta1"])
-    # The segmenter: Adam with its usual betas (nnU-Net's own SGD needs 1000 epochs), the same schedule.
-    optimizer_G = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1 if gan else 0.9, 0.999))
-    optimizer_D = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, 0.999)) if gan else None
-    scheduler_G = make_scheduler(optimizer_G, n_epochs, n_decay)
-    scheduler_D = make_scheduler(optimizer_D, n_epochs, n_decay) if gan else None
-    optimizers = [o for o in (optimizer_G, optimizer_D) if o is not None]
-    schedulers = [o for o in (scheduler_G, scheduler_D) if o is not None]
-    networks = {"generator": generator, **({"discriminator": discriminator} if gan else {})}
-    gan_loss = GANLoss(preset.get("gan_mode", "vanilla"))
-    weights = loss_weights(preset, model)
-    options = loss_options(preset)
-
-    start_epoch, history = 0, []
-    if checkpoint is not None:
-        check_network_arguments(checkpoint["generator_args"], generator.arguments, "generator", path)
-        check_network_arguments({"patch_size": checkpoint["patch_size"], "downsample": checkpoint.get("downsample", 1)},
-                                {"patch_size": train_set.patch_size, "downsample": data["downsample"]}, "patch setting", path)
-        generator.load_state_dict(checkpoint["generator"])
-        optimizer_G.load_state_dict(checkpoint["optimizer_G"])
-        scheduler_G.load_state_dict(checkpoint["scheduler_G"])
-        if gan:
-            check_network_arguments(checkpoint.get("discriminator_args", {}), discriminator.arguments, "discriminator", path)
-            discriminator.load_state_dict(checkpoint["discriminator"])
-            optimizer_D.load_state_dict(checkpoint["optimizer_D"])
-            scheduler_D.load_state_dict(checkpoint["scheduler_D"])
-        _apply_new_lr(checkpoint, lr, optimizers, schedulers, mode)
-        start_epoch, history = int(checkpoint["epoch"]), list(checkpoint.get("history") or [])
+    def _resume(self) -> None:
+        checkpoint, dist = self.checkpoint, self.dist
+        patch = {"patch_size": self.train_set.patch_size, "downsample": self.data["downsample"]}
+        self.nets.restore(checkpoint, self.checkpoint_path, patch, float(self.preset["lr"]), self.mode)
+        self.start_epoch, self.history = int(checkpoint["epoch"]), list(checkpoint.get("history") or [])
         rngs = checkpoint["rng"]
         ranks = rngs.get("ranks") or []
         set_rng_state(ranks[dist.rank] if dist.enabled and len(ranks) == dist.world else rngs)
-    elif dist.rank > 0:
-        # Same initial weights on every rank (DDP broadcasts rank 0's anyway), own dropout noise.
-        torch.manual_seed(seed + 1_000_003 * dist.rank)
 
-    for net in networks.values():
-        net.to(dev).train()
-    gan_loss.to(dev)
-    for optimizer in optimizers:
-        _optimizer_to(optimizer, dev)
-    G, D = generator, discriminator
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    def state(self, epoch: int, val: float | None, rngs: list) -> dict:
+        """Everything a checkpoint holds after ``epoch``."""
+        data = self.data
+        return {**self.nets.state(), "epoch": epoch, "rng": {**rngs[0], "ranks": rngs if len(rngs) > 1 else []},
+                "normalization": data["normalization"].to_dict(), "preset": self.preset,
+                "spacing_mm": list(data["spacing_mm"]), "patch_size": self.train_set.patch_size,
+                "downsample": data["downsample"], "val_loss": val, "history": self.history, "group": self.group,
+                "cases": data["cases"], "seed": self.seed, "world_size": self.dist.world,
+                "rank_fingerprints": self.fingerprints or []}
 
-        ids = [dev.index] if dev.type == "cuda" else None
-        G = DDP(generator, device_ids=ids)
-        D = DDP(discriminator, device_ids=ids) if gan else None
+    # -- the run -------------------------------------------------------------------------------
+    def run(self) -> Path:
+        if self.dist.main:
+            self._start_monitoring()
+        bar = Progress(total=(self.total_epochs - self.start_epoch) * self.steps_per_epoch, task="train",
+                       mode=self.mode, unit="it")
+        try:
+            for epoch in range(self.start_epoch, self.total_epochs):
+                entry = self._train_epoch(epoch, bar)
+                self._end_epoch(entry, bar)
+            if (self.dist.main and self.start_epoch >= self.total_epochs and not self.files.best.exists()
+                    and self.checkpoint is not None):
+                save_checkpoint(self.files.best, self.checkpoint)
+        finally:
+            bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        return self.files.best
 
-    if dev.type == "cuda":
-        # Every patch has one shape: cuDNN autotunes each convolution once. Channels-last 3D feeds
-        # its bf16 / tf32 tensor-core kernels; pinned batches copy to the GPU without blocking.
-        configure_cuda(dev)
-        for net in networks.values():
-            net.to(memory_format=torch.channels_last_3d)
-    sampler = patch_sampler(train_set, shuffle=True, seed=seed, max_patches=preset.get("max_patches_per_epoch"))
-    loader = DataLoader(train_set, batch_size=int(preset.get("batch_size", 1)), sampler=sampler, num_workers=0,
-                        pin_memory=dev.type == "cuda")
-    steps_per_epoch = len(loader)
-    patch_spacing = float(min(data["spacing_mm"])) * int(data["downsample"])
-    val_every, ckpt_every = max(int(preset["validate_every"]), 1), max(int(preset["checkpoint_every"]), 1)
-
-    best_val = min((h["val_loss"] for h in history if h.get("val_loss") is not None), default=math.inf)
-    writer, snapshot_item = None, None
-    if dist.main:
+    def _start_monitoring(self) -> None:
+        """Rank 0: the run folder and how it was made, TensorBoard, the patch shown every time, what the run is."""
+        files, model, group = self.files, self.model, self.group
         files.root.mkdir(parents=True, exist_ok=True)
-        writer = _summary_writer(files, start_epoch * steps_per_epoch, mode)
-        snapshot_item = _snapshot_item(train_set, val_set)
-        if val_set is None or len(val_set) == 0:
-            log(f"Group {group} has no validation case: best.pt will be the last epoch.", mode)
-        what = "direct segmenter (DynUNet)" if model == "segmenter" else f"{model}-task cGAN"
-        log(f"Training the {what} on group {group} ({len(train_set)} training patches of "
-            f"{train_set.patch_size}^3, {steps_per_epoch} iterations per epoch, epochs {start_epoch + 1}-{total_epochs}) "
-            f"on {dev}{' with bf16 autocast' if amp else ''}.", mode)
+        write_json(files.preset, self.preset)
+        before = files.command.read_text().splitlines() if files.command.exists() else []
+        with atomic_path(files.command) as tmp:  # a new file: a hard-linked copy of the run keeps its own
+            tmp.write_text("\n".join([*before, self.command]) + "\n")
+        self.writer = _summary_writer(files, self.start_epoch * self.steps_per_epoch, self.mode)
+        self.snapshot_item = _snapshot_item(self.train_set, self.val_set)
+        if self.val_set is None or len(self.val_set) == 0:
+            log(f"Group {group} has no validation case: best.pt will be the last epoch.", self.mode)
+        log(f"Training the {MODEL_TITLES[model]} on group {group} ({len(self.train_set)} training patches of "
+            f"{self.train_set.patch_size}^3, {self.steps_per_epoch} iterations per epoch, epochs "
+            f"{self.start_epoch + 1}-{self.total_epochs}) on {self.dev}{' with bf16 autocast' if self.amp else ''}.",
+            self.mode)
 
-    fingerprints = None
+    def _train_epoch(self, epoch: int, bar: Progress) -> dict:
+        """One epoch of iterations; returns its history entry (mean losses, time, no validation yet)."""
+        dev, steps = self.dev, self.steps_per_epoch
+        self.sampler.set_epoch(epoch)
+        epoch_lr = self.nets.optimizer_G.param_groups[0]["lr"]
+        patch_spacing = float(min(self.data["spacing_mm"])) * int(self.data["downsample"])
+        window_ct = self.data["normalization"].ct_window
+        sums: dict[str, float] = {}
+        # Losses since the last progress line: a line reports their mean, not one iteration's.
+        window: dict[str, float] = {}
+        window_steps = 0
+        start = time.monotonic()
+        for step, batch in enumerate(self.loader):
+            real_A = randomize_ct(batch["real_A"].to(dev, non_blocking=True), self.preset, window_ct, patch_spacing)
+            terms = self.nets.step(real_A, batch["real_B"].to(dev, non_blocking=True),
+                                   batch["tissue"].to(dev, non_blocking=True), self.autocast)
+            global_step = epoch * steps + step + 1
+            _check_finite(terms, global_step, epoch + 1, self.files)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+                window[k] = window.get(k, 0.0) + v
+                if self.writer is not None:
+                    self.writer.add_scalar(f"loss/{k}", v, global_step)
+            window_steps += 1
+            end_of_epoch = step + 1 == steps
+            if end_of_epoch or bar.due(window_steps):
+                bar.update(window_steps, force=end_of_epoch, epoch=epoch + 1, lr=epoch_lr, iterations=window_steps,
+                           **{k: round(v / window_steps, 5) for k, v in window.items()})
+                window, window_steps = {}, 0
+        for scheduler in self.nets.schedulers:
+            scheduler.step()
+        _check_weights(self.nets.networks, epoch + 1, self.files)
+        seconds = time.monotonic() - start
+        return {"epoch": epoch + 1, "lr": epoch_lr, **{k: v / max(steps, 1) for k, v in sums.items()},
+                "seconds": round(seconds, 3), "seconds_per_iteration": round(seconds / max(steps, 1), 4),
+                "val_loss": None}
 
-    def state(epoch: int, val: float | None, rngs: list) -> dict:
-        return {"model": model, "epoch": epoch, "generator": generator.state_dict(),
-                "discriminator": discriminator.state_dict() if gan else None, "optimizer_G": optimizer_G.state_dict(),
-                "optimizer_D": optimizer_D.state_dict() if gan else None, "scheduler_G": scheduler_G.state_dict(),
-                "scheduler_D": scheduler_D.state_dict() if gan else None,
-                "rng": {**rngs[0], "ranks": rngs if len(rngs) > 1 else []},
-                "generator_args": generator.arguments, "discriminator_args": discriminator.arguments if gan else {},
-                "normalization": normalization.to_dict(), "preset": preset, "spacing_mm": list(data["spacing_mm"]),
-                "patch_size": train_set.patch_size, "downsample": data["downsample"], "val_loss": val,
-                "history": history, "group": group, "cases": data["cases"], "seed": seed,
-                "world_size": dist.world, "rank_fingerprints": fingerprints or []}
+    def _end_epoch(self, entry: dict, bar: Progress) -> None:
+        """Validation, monitoring and history (rank 0), then the checkpoints of the epoch."""
+        done = entry["epoch"]
+        last_epoch = done == self.total_epochs
+        validate = done % max(int(self.preset["validate_every"]), 1) == 0 or last_epoch
+        is_best = self._validate_and_monitor(entry, validate, bar) if self.dist.main else False
+        if not self.dist.main:
+            self.history.append(entry)
+        self._save_checkpoints(entry, is_best, last_epoch)
 
-    bar = Progress(total=(total_epochs - start_epoch) * steps_per_epoch, task="train", mode=mode, unit="it")
-    try:
-        for epoch in range(start_epoch, total_epochs):
-            sampler.set_epoch(epoch)
-            epoch_lr = optimizer_G.param_groups[0]["lr"]
-            sums: dict[str, float] = {}
-            # Losses since the last progress line: a line reports their mean, not one iteration's.
-            window: dict[str, float] = {}
-            window_steps = 0
-            start = time.monotonic()
-            for step, batch in enumerate(loader):
-                real_A = randomize_ct(batch["real_A"].to(dev, non_blocking=True), preset, normalization.ct_window,
-                                      patch_spacing)
-                real_B = batch["real_B"].to(dev, non_blocking=True)
-                tissue = batch["tissue"].to(dev, non_blocking=True)
-                if gan:
-                    terms = training_step(G, D, discriminator, optimizer_G, optimizer_D, real_A, real_B, tissue,
-                                          gan_loss, weights, multitask, autocast, options)
-                else:
-                    terms = segmenter_step(G, optimizer_G, real_A, tissue, autocast, options)
-                _check_finite(terms, epoch * steps_per_epoch + step + 1, epoch + 1, files)
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                global_step = epoch * steps_per_epoch + step + 1
-                if writer is not None:
-                    for k, v in terms.items():
-                        writer.add_scalar(f"loss/{k}", v, global_step)
-                for k, v in terms.items():
-                    window[k] = window.get(k, 0.0) + v
-                window_steps += 1
-                end_of_epoch = step + 1 == steps_per_epoch
-                if end_of_epoch or bar.due(window_steps):
-                    bar.update(window_steps, force=end_of_epoch, epoch=epoch + 1, lr=epoch_lr, iterations=window_steps,
-                               **{k: round(v / window_steps, 5) for k, v in window.items()})
-                    window, window_steps = {}, 0
-            for scheduler in schedulers:
-                scheduler.step()
-            _check_weights(networks, epoch + 1, files)
-            seconds = time.monotonic() - start
-            done = epoch + 1
-            entry = {"epoch": done, "lr": epoch_lr, **{k: v / max(steps_per_epoch, 1) for k, v in sums.items()},
-                     "seconds": round(seconds, 3), "seconds_per_iteration": round(seconds / max(steps_per_epoch, 1), 4),
-                     "val_loss": None}
-            last_epoch = done == total_epochs
-            validate = done % val_every == 0 or last_epoch
-            is_best = False
-            if dist.main:
-                if validate and val_set is not None and len(val_set):
-                    entry.update(_validate(generator, discriminator, val_set, dev, multitask, autocast, options))
-                    is_best = entry["val_loss"] < best_val
-                    best_val = min(best_val, entry["val_loss"])
-                history.append(entry)
-                # Every TensorBoard series counts iterations, so a resumed run's purge_step cleans them all.
-                end_step = done * steps_per_epoch
-                if writer is not None:
-                    writer.add_scalar("lr", epoch_lr, end_step)
-                    writer.add_scalar("epoch", done, end_step)
-                    for k in VALIDATION_TERMS:
-                        if entry.get(k) is not None:
-                            writer.add_scalar(f"validation/{k}", entry[k], end_step)
-                if validate:
-                    slices = _mid_slices(_picture(generator, snapshot_item, dev, multitask, autocast))
-                    if writer is not None:
-                        for name, image in slices.items():
-                            writer.add_image(f"images/{name}", image, end_step, dataformats="HW")
-                        writer.flush()
-                    _save_snapshot(files.snapshots / f"epoch_{done:03d}.png", slices,
-                                   f"epoch {done}" + (f", validation loss {entry['val_loss']:.4f}" if entry["val_loss"] is not None else ""))
-                    _save_curve(files.curve, history, model)
-                write_json(files.history, history)
-                bar.update(0, force=True, epoch=done, lr=epoch_lr, seconds_per_iteration=entry["seconds_per_iteration"],
-                           **{k: entry[k] for k in VALIDATION_TERMS if entry.get(k) is not None})
-                if entry["val_loss"] is not None:
-                    bar.log(f"epoch {done}: validation loss {entry['val_loss']:.4f}" + (" (best so far)" if is_best else ""))
-            else:
-                history.append(entry)
-            checkpointing = done % ckpt_every == 0 or last_epoch
-            rngs = dist.gather(rng_state())
-            fingerprints = dist.gather(fingerprint(*networks.values())) if dist.enabled and checkpointing else None
-            if fingerprints is not None and dist.main and any(f != fingerprints[0] for f in fingerprints):
-                log("Warning: the ranks' weights differ; the distributed run lost step.", mode)
-            if dist.main:
-                if is_best:
-                    save_checkpoint(files.best, state(done, entry["val_loss"], rngs))
-                if checkpointing:
-                    current = state(done, entry["val_loss"], rngs)
-                    save_checkpoint(files.epoch(done), current)
-                    save_checkpoint(files.last, current)
-                if last_epoch and not files.best.exists():
-                    # No validation case (or none ran): the last epoch stands for the best.
-                    save_checkpoint(files.best, state(done, entry["val_loss"], rngs))
-            dist.barrier()
-        if dist.main and start_epoch >= total_epochs and not files.best.exists() and checkpoint is not None:
-            save_checkpoint(files.best, checkpoint)
-    finally:
-        bar.close()
+    def _validate_and_monitor(self, entry: dict, validate: bool, bar: Progress) -> bool:
+        """Rank 0: the validation loss, TensorBoard, snapshot, curve and history of an epoch; whether it is the best."""
+        done, nets, writer = entry["epoch"], self.nets, self.writer
+        is_best = False
+        if validate and self.val_set is not None and len(self.val_set):
+            entry.update(_validate(nets.generator, nets.discriminator, self.val_set, self.dev, nets.multitask,
+                                   self.autocast, nets.options))
+            is_best = entry["val_loss"] < self.best_val
+            self.best_val = min(self.best_val, entry["val_loss"])
+        self.history.append(entry)
+        # Every TensorBoard series counts iterations, so a resumed run's purge_step cleans them all.
+        end_step = done * self.steps_per_epoch
         if writer is not None:
-            writer.close()
-    return files.best
+            writer.add_scalar("lr", entry["lr"], end_step)
+            writer.add_scalar("epoch", done, end_step)
+            for k in VALIDATION_TERMS:
+                if entry.get(k) is not None:
+                    writer.add_scalar(f"validation/{k}", entry[k], end_step)
+        if validate:
+            self._pictures(entry, end_step)
+        write_json(self.files.history, self.history)
+        bar.update(0, force=True, epoch=done, lr=entry["lr"], seconds_per_iteration=entry["seconds_per_iteration"],
+                   **{k: entry[k] for k in VALIDATION_TERMS if entry.get(k) is not None})
+        if entry["val_loss"] is not None:
+            bar.log(f"epoch {done}: validation loss {entry['val_loss']:.4f}" + (" (best so far)" if is_best else ""))
+        return is_best
+
+    def _pictures(self, entry: dict, end_step: int) -> None:
+        """Mid-slices of the fixed patch (TensorBoard and a PNG) and the validation curve (Fig. 6)."""
+        done, nets = entry["epoch"], self.nets
+        slices = _mid_slices(_picture(nets.generator, self.snapshot_item, self.dev, nets.multitask, self.autocast))
+        if self.writer is not None:
+            for name, image in slices.items():
+                self.writer.add_image(f"images/{name}", image, end_step, dataformats="HW")
+            self.writer.flush()
+        title = f"epoch {done}" + (f", validation loss {entry['val_loss']:.4f}" if entry["val_loss"] is not None else "")
+        _save_snapshot(self.files.snapshots / f"epoch_{done:03d}.png", slices, title)
+        _save_curve(self.files.curve, self.history, self.model)
+
+    def _save_checkpoints(self, entry: dict, is_best: bool, last_epoch: bool) -> None:
+        """best.pt, epoch_NNN.pt and last.pt as the preset says (rank 0), every rank's generators kept."""
+        files, dist, done = self.files, self.dist, entry["epoch"]
+        checkpointing = done % max(int(self.preset["checkpoint_every"]), 1) == 0 or last_epoch
+        rngs = dist.gather(rng_state())
+        self.fingerprints = (dist.gather(fingerprint(*self.nets.networks.values()))
+                             if dist.enabled and checkpointing else None)
+        if self.fingerprints is not None and dist.main and any(f != self.fingerprints[0] for f in self.fingerprints):
+            log("Warning: the ranks' weights differ; the distributed run lost step.", self.mode)
+        if dist.main:
+            if is_best:
+                save_checkpoint(files.best, self.state(done, entry["val_loss"], rngs))
+            if checkpointing:
+                current = self.state(done, entry["val_loss"], rngs)
+                save_checkpoint(files.epoch(done), current)
+                save_checkpoint(files.last, current)
+            if last_epoch and not files.best.exists():
+                # No validation case (or none ran): the last epoch stands for the best.
+                save_checkpoint(files.best, self.state(done, entry["val_loss"], rngs))
+        dist.barrier()
 
 
 def _apply_new_lr(checkpoint: dict, lr: float, optimizers, schedulers, mode: str) -> None:
@@ -743,12 +822,9 @@ def command_train(args) -> int:
     best = train(args.data, group=args.group, model=args.model, preset=args.preset, out=args.out,
                  epochs_constant=args.epochs_constant, epochs_decay=args.epochs_decay, device=args.device,
                  amp=args.amp, resume=args.resume, seed=args.seed, progress=args.progress,
-                 overwrite=getattr(args, "overwrite", False), allow_mismatch=getattr(args, "allow_mismatch", False))
+                 overwrite=args.overwrite, allow_mismatch=args.allow_mismatch, command=args.command_line)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return 0
-    outputs = {"best": str(best), "last": str(Path(best).parent / "last.pt")}
-    if args.progress == "json":
-        emit_json("result", outputs=outputs)
-    else:
-        log(f"Trained: best model {best}", args.progress)
+    report_result(args.progress, f"Trained: best model {best}",
+                  outputs={"best": str(best), "last": str(Path(best).parent / "last.pt")})
     return 0

@@ -19,7 +19,7 @@ def test_every_subcommand_has_help(command, capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: microctsynth " + command)
-    assert COMMANDS[command][1].split(":")[0] in " ".join(out.split())
+    assert COMMANDS[command].help.split(":")[0] in " ".join(out.split())
 
 
 def test_console_script_and_module_are_the_same_entry_point():
@@ -30,12 +30,28 @@ def test_console_script_and_module_are_the_same_entry_point():
     assert all(name in by_module.stdout for name in COMMANDS)
 
 
-def test_every_command_has_its_handler():
+def test_every_command_runs_its_engine_function():
+    """Each runner imports the engine's ``command_<name>`` (found by "find usages", imported only
+    when the command runs) and hands it the parsed arguments."""
+    import ast
     import importlib
+    import inspect
+    import textwrap
 
-    for name, (module, _) in COMMANDS.items():
-        mod = importlib.import_module(f"MicroCTSynthLib.{module}")
-        assert callable(getattr(mod, "command_" + name.replace("-", "_"))), name
+    for name, command in COMMANDS.items():
+        tree = ast.parse(textwrap.dedent(inspect.getsource(command.run)))
+        imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert [a.name for n in imports for a in n.names] == ["command_" + name.replace("-", "_")], name
+        module = importlib.import_module(f"MicroCTSynthLib.{imports[0].module}")
+        assert callable(getattr(module, imports[0].names[0].name)), name
+
+
+def test_the_parser_imports_no_engine_step():
+    """``--help`` answers at once: building the parser imports neither torch nor numpy."""
+    code = ("import sys; from MicroCTSynthLib.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'SimpleITK') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_error_is_a_json_event_with_progress_json(tmp_path):
@@ -76,11 +92,24 @@ def test_a_preset_file_can_start_from_another_preset(tmp_path):
 
 
 def test_negative_roi_centre_is_a_value():
-    args = build_parser().parse_args(
-        ["synthesize", "--model", "m.pt", "--ct", "ct.nrrd", "--out-microct", "s.nrrd", "--out-tissue", "t.nrrd",
-         "--roi", "-12.3,4,-5", "6"]
-    )
-    assert args.roi == ["-12.3,4,-5", "6"]
+    base = ["synthesize", "--model", "m.pt", "--ct", "ct.nrrd", "--out-microct", "s.nrrd", "--out-tissue", "t.nrrd"]
+    args = build_parser().parse_args(base + ["--roi-center=-12.3,4,-5", "--roi-size", "6"])
+    assert (args.roi_center, args.roi_size) == ("-12.3,4,-5", "6")
+
+
+def test_the_older_roi_form_still_works_with_a_note(tmp_path, capsys):
+    """``--roi CENTER SIZE`` (before --roi-center and --roi-size) is read as the new form for one more
+    release, a negative centre included, with a sentence saying what to write instead."""
+    from MicroCTSynthLib.cli import _rewrite_deprecated_roi
+
+    base = ["synthesize", "--model", "m.pt", "--ct", "ct.nrrd", "--out-tissue", "t.nrrd"]
+    assert _rewrite_deprecated_roi(base + ["--roi", "-12.3,4,-5", "6", "--samples", "2"]) == (
+        base + ["--roi-center=-12.3,4,-5", "--roi-size=6", "--samples", "2"], True)
+    assert _rewrite_deprecated_roi(base + ["--roi-center=1,2,3", "--roi-size", "6"])[1] is False
+    missing = ["synthesize", "--model", str(tmp_path / "missing.pt"), *base[3:]]
+    assert main(missing + ["--roi", "-1,2,3", "6", "--progress", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "--roi CENTER SIZE is deprecated" in err and "--roi-center=X,Y,Z" in err and "does not exist" in err
 
 
 def test_json_progress_comes_at_a_sane_rate(monkeypatch, capsys):

@@ -12,11 +12,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from MicroCTSynthLib.data import (Normalization, PatchDataset, PatchSampler, axis_starts, build_datasets,
-                                  downsample_image, downsample_labels, downsample_volume, load_case, patch_grid)
+from MicroCTSynthLib.data import (Normalization, PatchDataset, PatchSampler, build_datasets, downsample_image,
+                                  downsample_labels, downsample_volume, load_case, patch_grid)
 from MicroCTSynthLib.dataset import Dataset
 from MicroCTSynthLib.errors import MicroCTSynthError
 from MicroCTSynthLib.presets import load_preset
+from MicroCTSynthLib.tiling import patch_starts, scan_interval
 from MicroCTSynthLib.volume import Volume, write_volume
 
 SPACING = (0.0752, 0.0752, 0.0752)
@@ -126,13 +127,14 @@ def test_downsample_volume_keeps_physical_extent():
 
 
 # -- tiling -------------------------------------------------------------------------------------
-def test_axis_starts_cover_the_box_with_the_last_patch_shifted_inward():
-    assert axis_starts(0, 160, 160, 96, 72) == [0, 64]
-    assert axis_starts(10, 100, 160, 32, 24) == [10, 34, 58, 68]
-    assert axis_starts(0, 20, 20, 32, 24) == [0]               # smaller than a patch: padded
-    assert axis_starts(150, 160, 160, 32, 24) == [128]        # never beyond the volume
-    for lo, hi, size, p, s in [(0, 97, 200, 32, 24), (3, 64, 64, 16, 16), (0, 100, 100, 96, 72)]:
-        starts = axis_starts(lo, hi, size, p, s)
+def test_patch_starts_cover_the_box_with_the_last_patch_shifted_inward():
+    assert scan_interval(96, 0.25) == 72 and scan_interval(24, 0.333) == 16 and scan_interval(16, 0.0) == 16
+    assert patch_starts(160, 96, 0.25) == [0, 64]
+    assert patch_starts(160, 32, 0.25, 10, 100) == [10, 34, 58, 68]
+    assert patch_starts(20, 32, 0.25) == [0]                   # smaller than a patch: padded
+    assert patch_starts(160, 32, 0.25, 150, 160) == [128]     # never beyond the volume
+    for lo, hi, size, p, overlap in [(0, 97, 200, 32, 0.25), (3, 64, 64, 16, 0.0), (0, 100, 100, 96, 0.25)]:
+        starts = patch_starts(size, p, overlap, lo, hi)
         covered = np.zeros(size, bool)
         for start in starts:
             assert 0 <= start and start + p <= size
@@ -144,7 +146,7 @@ def test_patch_grid_overlap_and_fov_skipping():
     tissue = np.zeros((64, 64, 64), np.uint8)
     tissue[:, :, :] = 2
     assert len(patch_grid(tissue, 32, 0)) == 8                 # validation tiling: no overlap
-    train = patch_grid(tissue, 32, 8)                           # stride 24: starts 0, 24, 32
+    train = patch_grid(tissue, 32, 0.25)                        # stride 24: starts 0, 24, 32
     assert len(train) == 27 and (24, 0, 32) in train
     tissue[:, :, :] = 0
     tissue[40:50, 40:50, 40:50] = 3                             # FOV only in one corner
@@ -156,7 +158,7 @@ def test_patch_grid_overlap_and_fov_skipping():
     assert covered[tissue > 0].all()
     assert patch_grid(np.zeros((8, 8, 8)), 8, 0) == []
     with pytest.raises(MicroCTSynthError, match="overlap"):
-        patch_grid(tissue, 16, 16)
+        patch_grid(tissue, 16, 1.0)
 
 
 def test_patch_grid_skips_patches_wholly_outside_the_fov():
@@ -174,7 +176,7 @@ def test_patch_dataset_items_pad_small_volumes(rng):
     tissue = np.full((12, 20, 20), 2, np.uint8)
     case = CasePair("x", rng.normal(0, 300, tissue.shape).astype(np.float32),
                     rng.uniform(0, 1, tissue.shape).astype(np.float32), tissue, SPACING)
-    ds = PatchDataset([case], Normalization((-1000, 1000), (0, 1)), 16, overlap=4)
+    ds = PatchDataset([case], Normalization((-1000, 1000), (0, 1)), 16, overlap=0.25)
     assert len(ds) == 4                                         # z padded to 16; y, x: starts 0 and 4
     item = ds[0]
     assert item["real_A"].shape == (1, 16, 16, 16) and item["real_A"].dtype == torch.float32
@@ -215,8 +217,9 @@ def test_build_datasets_from_a_prepared_folder(synthetic_dataset):
     assert norm.ct_window == tuple(preset["ct_window_hu"])
     assert 0.0 <= norm.microct_range[0] < 0.1 and 0.9 < norm.microct_range[1] <= 1.1
     assert built["spacing_mm"] == pytest.approx(SPACING) and built["downsample"] == 1
-    # The preset's overlaps: 4 voxels for training, none for validation; the tiling spans the FOV's box.
-    assert (train.overlap, val.overlap, train.patch_size) == (4, 0, 16)
+    # The preset's overlaps: a quarter of the patch (4 voxels) for training, none for validation; the
+    # tiling spans the FOV's box.
+    assert (train.overlap, val.overlap, train.patch_size) == (0.25, 0.0, 16)
     for ds in (train, val):
         for case, (z, y, x) in ds.index:
             assert bool((ds.images[case][2][z:z + 16, y:y + 16, x:x + 16] > 0).any())
@@ -234,6 +237,26 @@ def test_build_datasets_from_a_prepared_folder(synthetic_dataset):
     assert down["spacing_mm"] == pytest.approx(SPACING) and down["downsample"] == 2
     case = load_case(synthetic_dataset, "C0", 2)
     assert case.spacing == pytest.approx(tuple(2 * s for s in SPACING))
+
+
+def test_a_group_is_built_case_by_case(tmp_path):
+    """Dataset.open lets a group lack its training case while it is being built; assign moves a case
+    between the parts of a group; a finished group loads as any other."""
+    ds = Dataset.open(tmp_path)
+    assert ds.groups == {}
+    ds.add_case("V")
+    ds.assign("V", "Mine", "val")
+    ds.save()
+    ds = Dataset.open(tmp_path)
+    with pytest.raises(MicroCTSynthError, match="no training case"):
+        Dataset.load(tmp_path)
+    ds.add_case("T")
+    ds.assign("T", "Mine", "test")
+    ds.assign("T", "Mine", "train")
+    ds.save()
+    assert Dataset.load(tmp_path).group("Mine") == {"train": ["T"], "val": ["V"], "test": []}
+    with pytest.raises(MicroCTSynthError, match="train, val or test"):
+        ds.assign("T", "Mine", "holdout")
 
 
 def test_build_datasets_explains_unprepared_cases(tmp_path):

@@ -359,12 +359,17 @@ def run_copy(W, S) -> Path:
     return S / "run"
 
 
+def run_records(W, S):
+    """How a run that started was made: its preset.json and command.txt."""
+    return [str(S / "run" / "preset.json"), str(S / "run" / "command.txt")]
+
+
 def tensorboard(W, S):
-    return [str(S / "run" / "tensorboard") + os.sep]
+    return [str(S / "run" / "tensorboard") + os.sep, *run_records(W, S)]
 
 
 def new_run_folder(W, S):
-    return [str(S / "run"), str(S / "run" / "tensorboard"), str(S / "run" / "tensorboard") + os.sep]
+    return [str(S / "run"), str(S / "run" / "tensorboard"), str(S / "run" / "tensorboard") + os.sep, *run_records(W, S)]
 
 
 def ct_in_unit_range(W, S):
@@ -551,9 +556,11 @@ ROWS = [
     Row("synthesize-missing-model", "synthesize", lambda W, S: syn(W, S, model=S / "no.pt"), "does not exist"),
     Row("synthesize-text-model", "synthesize", lambda W, S: syn(W, S, model=W.text_pt), "not a MicroCTSynth checkpoint"),
     Row("synthesize-overlap-above-1", "synthesize", lambda W, S: syn(W, S, overlap=1.5), "overlap"),
-    Row("synthesize-roi-not-numbers", "synthesize", lambda W, S: syn(W, S, reference_grid=None, roi=("a,b,c", "5")),
+    Row("synthesize-roi-not-numbers", "synthesize",
+        lambda W, S: syn(W, S, reference_grid=None, roi_center="a,b,c", roi_size="5"),
         "must be numbers"),
-    Row("synthesize-roi-huge", "synthesize", lambda W, S: syn(W, S, reference_grid=None, roi=("0,0,0", "1e5")),
+    Row("synthesize-roi-huge", "synthesize",
+        lambda W, S: syn(W, S, reference_grid=None, roi_center="0,0,0", roi_size="1e5"),
         "output grid would have"),
     Row("synthesize-tissue-ending", "synthesize", lambda W, S: syn(W, S, out_tissue=S / "t.png"), "endings"),
     Row("synthesize-read-only-outputs", "synthesize",
@@ -678,7 +685,8 @@ def flow_two_trains_at_once(W, S, P):
 
 def _syn_argv(W, S, size, overlap, progress="json"):
     return ["synthesize", "--model", W.model, "--ct", W.ct, "--out-microct", S / "s.nrrd", "--out-tissue", S / "t.nrrd",
-            "--roi", "1.2,1.2,1.2", size, "--overlap", overlap, "--progress", progress, "--device", "cpu"]
+            "--roi-center=1.2,1.2,1.2", "--roi-size", size, "--overlap", overlap, "--progress", progress,
+            "--device", "cpu"]
 
 
 def flow_synthesize_sigterm(W, S, P):

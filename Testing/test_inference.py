@@ -25,10 +25,10 @@ from MicroCTSynthLib.networks import Generator
 from MicroCTSynthLib.synthesize import (
     field_of_view,
     output_grid,
-    patch_starts,
     sliding_window_synthesis,
     synthesize_on_grid,
 )
+from MicroCTSynthLib.tiling import patch_starts
 from MicroCTSynthLib.volume import Volume
 
 torch.set_num_threads(2)
@@ -55,6 +55,10 @@ def test_device_selection(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda")
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    # A process of a distributed run takes its own GPU; an explicit index stays as asked.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", local_rank=3) == resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device("cuda:0", local_rank=1) == torch.device("cuda", 0)
 
 
 def test_precision_follows_the_hardware(monkeypatch):

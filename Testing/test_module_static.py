@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import struct
 import xml.etree.ElementTree as ET
@@ -35,6 +36,19 @@ def parameter_fields(tree: ast.Module) -> dict[str, str]:
         ):
             return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
     raise AssertionError("MicroCTSynth.py has no @parameterNodeWrapper class")
+
+
+def choice_values(tree: ast.Module, expression: str) -> list:
+    """The values of a ``Choice(...)``: a literal list, or ``list(NAME)`` of a name the module imports
+    from the engine (``from MicroCTSynthLib.x import NAME``), read from the engine itself."""
+    engine = {a.asname or a.name: (n.module, a.name) for n in tree.body if isinstance(n, ast.ImportFrom)
+              and (n.module or "").startswith("MicroCTSynthLib") for a in n.names}
+    names = {"list": list}
+    for node in ast.walk(ast.parse(expression, mode="eval")):
+        if isinstance(node, ast.Name) and node.id in engine:
+            module, attribute = engine[node.id]
+            names[node.id] = getattr(importlib.import_module(module), attribute)
+    return eval(expression, {"__builtins__": {}}, names)  # noqa: S307 - the module's own annotation
 
 
 def ui_widgets(root: ET.Element) -> dict[str, ET.Element]:
@@ -108,7 +122,7 @@ def test_bound_widgets_can_represent_their_fields(module_tree, ui_root):
             assert types == [annotation], f"{name} lists {types} for a {annotation}"
         if cls == "QComboBox":
             items = [i.find("property/string").text for i in widget.findall("item")]
-            choices = ast.literal_eval(re.search(r"Choice\((\[.*\])\)", annotation).group(1))
+            choices = choice_values(module_tree, re.search(r"Choice\((.*)\)\]$", annotation).group(1))
             assert items == choices, f"{name}: items {items} differ from the choices {choices}"
 
 
@@ -183,6 +197,34 @@ def test_cmake_lists_name_existing_files():
     assert sorted(p.name for p in (ENGINE / "Resources" / "presets").glob("*.json")) == ["paper.json", "pretrained.json", "quick.json", "tiny.json"]
 
 
+def _always_true(test: ast.expr) -> bool:
+    """A generator, a tuple, a comprehension, a lambda or a true literal: true whatever the code does."""
+    if isinstance(test, ast.BoolOp):
+        return any(_always_true(v) for v in test.values) if isinstance(test.op, ast.And) else False
+    if isinstance(test, ast.Constant):
+        return bool(test.value)
+    return isinstance(test, (ast.GeneratorExp, ast.Tuple, ast.ListComp, ast.SetComp, ast.DictComp, ast.Lambda, ast.JoinedStr))
+
+
+def test_every_assert_can_fail():
+    """``assert (x > 0 for x in xs)`` passes whatever ``xs`` holds (a generator object is true): every
+    assert of the tests and the self-test (and ``assertTrue``) tests a value, e.g. ``all(...)``."""
+    vacuous = []
+    for path in sorted([*(ROOT / "Testing").glob("*.py"), *MODULE_DIR.rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assert):
+                test = node.test
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "assertTrue" and node.args:
+                test = node.args[0]
+            else:
+                continue
+            if _always_true(test):
+                vacuous.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert vacuous == [], f"asserts that cannot fail: {vacuous}"
+    assert _always_true(ast.parse("assert (x for x in [0])").body[0].test)
+    assert not _always_true(ast.parse("assert all(x for x in [0])").body[0].test)
+
+
 @pytest.mark.parametrize("icon", [MODULE_DIR / "Resources" / "Icons" / "MicroCTSynth.png", ROOT / "Resources" / "Icons" / "MicroCTSynth.png"])
 def test_icons_are_128_pixel_pngs(icon):
     head = icon.read_bytes()[:24]
@@ -191,9 +233,13 @@ def test_icons_are_128_pixel_pngs(icon):
 
 
 def _engine_imports(module: str) -> tuple[set[str], set[str]]:
-    """(engine modules, outside import names) a module of the engine imports, anywhere in it."""
+    """(engine modules, outside import names) a module of the engine imports, anywhere in it; in
+    cli.py, not inside the command runners (``_run_<name>``): each step lists its own engine module."""
     internal, external = set(), set()
-    for node in ast.walk(ast.parse((ENGINE / f"{module}.py").read_text())):
+    tree = ast.parse((ENGINE / f"{module}.py").read_text())
+    if module == "cli":
+        tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name.startswith("_run_"))]
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level:
             internal |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -234,6 +280,17 @@ def test_each_step_asks_for_exactly_the_packages_its_engine_modules_import(modul
                         needed.add(DISTRIBUTIONS[prefix])
                         break
         assert set(declared[step]) == needed, f"{step}: declared {sorted(declared[step])}, its modules import {sorted(needed)}"
+
+
+def test_required_packages_are_the_projects_dependencies(module_tree):
+    """REQUIRED_PACKAGES of MicroCTSynth.py names pyproject.toml's dependencies (less numpy, which
+    Slicer ships): the extension has no pyproject.toml to read them from at run time."""
+    declared = next(ast.literal_eval(n.value) for n in module_tree.body if isinstance(n, ast.Assign)
+                    and getattr(n.targets[0], "id", "") == "REQUIRED_PACKAGES")
+    block = re.search(r"^dependencies = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.S | re.M).group(1)
+    dependencies = {re.match(r"[A-Za-z0-9_.-]+", d).group(0) for d in re.findall(r'"([^"]+)"', block)}
+    assert set(declared) == dependencies - {"numpy"}
+    assert all(DISTRIBUTIONS.get(module, name) == name for name, module in declared.items())
 
 
 REPOSITORY = "https://github.com/microctsynth/SlicerMicroCTSynth"

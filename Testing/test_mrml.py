@@ -206,6 +206,13 @@ def test_transform_file_and_node_agree_with_slicer_reader(scene, tmp_path):
     for q in ([0, 0, 0], [10, -20, 5]):
         np.testing.assert_allclose(back.TransformPoint(q), transform.TransformPoint(q), atol=1e-9)
 
+    # The bridge reads and writes transform files as the engine does, with its checks.
+    path.write_text(path.read_text().replace("Parameters: 0.1", "Parameters: nan", 1))
+    with pytest.raises(MicroCTSynthError, match="NaN or infinite"):
+        mrml.transform_node_from_file(path, "bad", scene)
+    with pytest.raises(MicroCTSynthError, match="ending .tfm"):
+        mrml.write_transform_from_node(ours, tmp_path / "back.png")
+
 
 def test_non_linear_transform_is_refused():
     bspline = sitk.BSplineTransform(3)

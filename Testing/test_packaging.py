@@ -168,8 +168,8 @@ def test_the_engine_core_runs_on_python_3_9(tmp_path):
         assert load_preset("tiny")["name"] == "tiny" and isinstance(shipped_models(), dict)
         assert load_preset({str(ROOT / "benchmarks" / "presets" / "quick-context48.json")!r})["patch_size"] == 48
         args = build_parser().parse_args(["synthesize", "--model", "m", "--ct", "c", "--out-microct", "a",
-                                          "--out-tissue", "b", "--roi", "-1,2,3", "2"])
-        assert args.roi == ["-1,2,3", "2"]
+                                          "--out-tissue", "b", "--roi-center=-1,2,3", "--roi-size", "2"])
+        assert (args.roi_center, args.roi_size) == ("-1,2,3", "2")
         child = "from MicroCTSynthLib.progress import Progress\\nwith Progress(3, 'x', mode='json') as p:\\n" \\
                 "    [p.update() for _ in range(3)]\\nimport json; print(json.dumps({{'event': 'result', 'outputs': {{}}}}))"
         job = Job([sys.executable, "-c", child]).start()

@@ -127,6 +127,37 @@ def test_failed_synthesis_leaves_the_scene_as_it_was(scene, tmp_path):
     assert list((tmp_path / "jobs").iterdir()) == []  # the job's files are gone too
 
 
+def test_synthesis_hands_a_negative_roi_centre_to_the_engine(scene, tmp_path, monkeypatch):
+    """The bridge writes the region as --roi-center=X,Y,Z --roi-size=...: a centre at negative LPS
+    coordinates reaches the engine's parser as a value."""
+    import numpy as np
+
+    from MicroCTSynthLib import cli, mrml
+    from MicroCTSynthLib.volume import Volume
+
+    started = []
+
+    class Recorder:  # stands in for the background job: records its command line
+        def __init__(self, command, **callbacks):
+            started.append(command)
+
+        def start(self):
+            return self
+
+    monkeypatch.setattr(mrml, "Job", Recorder)
+    logic = MicroCTSynthSceneLogic(scene, workDir=tmp_path / "jobs")
+    ct = mrml.node_from_volume(Volume(np.zeros((8, 8, 8), np.int16), (0.3, 0.3, 0.3), (-20.0, -10.0, -8.0)), "CT", scene)
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenter(12.3, 4.0, -5.0)  # RAS: LPS (-12.3, -4, -5)
+    roi.SetSize(2.0, 2.0, 2.0)
+    model = tmp_path / "best.pt"
+    model.write_bytes(b"a checkpoint")
+    logic.synthesize(ct, model, roiNode=roi, wait=False)
+    args = cli.build_parser().parse_args(started[0][3:])  # after "python -m MicroCTSynthLib"
+    assert [float(v) for v in args.roi_center.split(",")] == [-12.3, -4.0, -5.0]
+    assert args.roi_size == "2.000000,2.000000,2.000000"
+
+
 def test_cancelled_training_leaves_the_scene_as_it_was(scene, tmp_path):
     from MicroCTSynthLib.process import JobState
 
@@ -292,10 +323,11 @@ def _panel(module, logic, monkeypatch):
     monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kw: None, raising=False)
     widget = module.MicroCTSynthWidget.__new__(module.MicroCTSynthWidget)
     names = ["placeRoiButton", "registerButton", "tissueMapButton", "addCaseButton", "compareButton", "trainButton",
-             "resumeButton", "synthesizeButton", "atlasButton", "progressBar", "statusLabel"]
+             "resumeButton", "synthesizeButton", "atlasButton", "progressBar", "statusLabel", "overlapSliderWidget"]
     widget.ui = types.SimpleNamespace(**{n: _Widget(n.removesuffix("Button").capitalize()) for n in names})
     fields = {k: None for k in module.MicroCTSynthParameterNode.__annotations__}
-    fields.update(group="A", caseName="case1", datasetDir=Path("."), modelPath=Path("."), synthesizeOnMicroCTGrid=False)
+    fields.update(group="A", caseName="case1", datasetDir=Path("."), modelPath=Path("."), synthesizeOnMicroCTGrid=False,
+                  useModelOverlap=True, overlap=0.5)
     widget._parameterNode = types.SimpleNamespace(**fields)
     widget.logic, widget._timer = logic, _Timer()
     widget._job = widget._jobButton = widget._jobDone = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +18,10 @@ from MicroCTSynthLib.synthesize import (
     output_grid,
     parse_roi,
     patch_border_jump,
-    patch_starts,
     sliding_window_synthesis,
     synthesize_on_grid,
 )
+from MicroCTSynthLib.tiling import patch_starts
 from MicroCTSynthLib.volume import Volume
 
 torch.set_num_threads(2)
@@ -232,6 +233,14 @@ def test_field_of_view_and_region_outside():
     # A uniform synthetic micro-CT cannot be split by Otsu: say so instead of a wrong map.
     with pytest.raises(MicroCTSynthError, match="uniform"):
         synthesize_on_grid(ct, grid, Constant(0.5), LinearNormalization(), 16)
+    # Nor are the passes a single-task entropy keeps on disk left behind: they are gone when the
+    # error arrives, not when its traceback is let go.
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("microctsynth-passes-*"))
+    with pytest.raises(MicroCTSynthError, match="uniform") as error:
+        synthesize_on_grid(ct, grid, Constant(0.5), LinearNormalization(), 16, samples=2, entropy=True)
+    assert set(Path(tempfile.gettempdir()).glob("microctsynth-passes-*")) == before and error.traceback
     with pytest.raises(MicroCTSynthError, match="outside the CT"):
         synthesize_on_grid(ct, output_grid(ct, 0.15, roi=(BLOB + 100, 2.0)), Identity(), LinearNormalization(), 16)
 
@@ -385,6 +394,23 @@ def make_checkpoint(path, multitask=False, downsample=1, head_bias=None):
     })
 
 
+def test_synthesis_overlap_is_the_models_unless_given(tmp_path, monkeypatch):
+    """The window overlap of synthesize is the model's preset's synthesis_overlap unless the caller
+    gives one; a checkpoint without it takes the paper preset's."""
+    from MicroCTSynthLib import synthesize as module
+    from MicroCTSynthLib.presets import load_preset
+    from MicroCTSynthLib.tiling import SYNTHESIS_OVERLAP
+
+    assert load_preset("paper")["synthesis_overlap"] == SYNTHESIS_OVERLAP
+    assert module.model_overlap({"preset": load_preset("quick")}) == 0.25 and module.model_overlap({}) == SYNTHESIS_OVERLAP
+    used = []
+    monkeypatch.setattr(module, "synthesize_on_grid", lambda *a, **kw: used.append(kw["overlap"]))
+    model = make_checkpoint(tmp_path / "best.pt")  # the tiny preset: overlap 0
+    module.synthesize(blob_ct(BLOB), model, roi=(BLOB, 1.8), device="cpu")
+    module.synthesize(blob_ct(BLOB), model, roi=(BLOB, 1.8), overlap=0.5, device="cpu")
+    assert used == [load_preset("tiny")["synthesis_overlap"], 0.5]
+
+
 def test_synthesize_from_a_checkpoint(tmp_path):
     from MicroCTSynthLib.synthesize import synthesize
 
@@ -414,7 +440,8 @@ def test_command_line(tmp_path, capsys):
     out = {k: tmp_path / f"{k}.nrrd" for k in ("microct", "tissue", "std", "entropy")}
     center = ",".join(f"{v:.3f}" for v in BLOB)
     rc = main(["synthesize", "--model", str(model), "--ct", str(ct_path), "--out-microct", str(out["microct"]),
-               "--out-tissue", str(out["tissue"]), "--roi", center, "1.8", "--overlap", "0", "--blend", "constant",
+               "--out-tissue", str(out["tissue"]), f"--roi-center={center}", "--roi-size", "1.8", "--overlap", "0",
+               "--blend", "constant",
                "--uncertainty", str(out["std"]), "--entropy", str(out["entropy"]), "--samples", "2",
                "--device", "cpu", "--progress", "json"])
     assert rc == 0

@@ -126,6 +126,10 @@ def test_run_folder_holds_models_monitoring_and_history(straight_run):
     out, events = straight_run
     for name in ("best.pt", "last.pt", "epoch_001.pt", "epoch_004.pt", "history.json", "validation_loss.png"):
         assert (out / name).is_file(), name
+    # How the run was made: the resolved preset and the command line.
+    assert json.loads((out / "preset.json").read_text()) == load_preset("tiny")
+    command = (out / "command.txt").read_text().splitlines()
+    assert len(command) == 1 and command[0].startswith("microctsynth train --data ") and "--preset tiny" in command[0]
     # The tiny preset validates every 2 epochs: pictures and validation losses at epochs 2 and 4.
     assert sorted(p.name for p in (out / "snapshots").glob("*.png")) == ["epoch_002.png", "epoch_004.png"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
@@ -173,6 +177,8 @@ def test_resume_continues_the_same_run(straight_run, dataset_dir, tmp_path):
     resumed.mkdir()
     shutil.copy(out / "epoch_002.pt", resumed / "last.pt")     # as if the run had stopped after epoch 2
     train(dataset_dir, preset="tiny", out=resumed, resume="last", device="cpu", progress="none")
+    assert (resumed / "command.txt").read_text().startswith(f"MicroCTSynthLib.train.train('{dataset_dir}', group='A'")
+    assert "resume='last'" in (resumed / "command.txt").read_text()
     straight, again = load_checkpoint(out / "last.pt"), load_checkpoint(resumed / "last.pt")
     assert again["epoch"] == 4 and [h["epoch"] for h in again["history"]] == [1, 2, 3, 4]
     for part in ("generator", "discriminator"):
@@ -186,7 +192,7 @@ def test_resume_refuses_other_network_arguments(straight_run, dataset_dir, tmp_p
     with pytest.raises(MicroCTSynthError, match="another generator.*ngf 4 in the file but 8 here"):
         train(dataset_dir, preset={**load_preset("tiny"), "ngf": 8}, out=tmp_path, resume=out / "last.pt",
               device="cpu", progress="none")
-    with pytest.raises(MicroCTSynthError, match="single-task model; resume it with --model single"):
+    with pytest.raises(MicroCTSynthError, match="holds a single-task cGAN; resume it with --model single"):
         train(dataset_dir, model="multi", preset="tiny", out=tmp_path, resume=out / "last.pt", progress="none")
     with pytest.raises(MicroCTSynthError, match="no last.pt"):
         train(dataset_dir, preset="tiny", out=tmp_path / "empty", resume="last", progress="none")

@@ -63,10 +63,10 @@ from MicroCTSynthLib.synthesize import (  # noqa: E402
     field_of_view,
     output_grid,
     patch_border_jump,
-    patch_starts,
     sliding_window_synthesis,
     synthesize_on_grid,
 )
+from MicroCTSynthLib.tiling import patch_starts  # noqa: E402
 from MicroCTSynthLib.train import build_networks  # noqa: E402
 from MicroCTSynthLib.volume import Volume  # noqa: E402
 

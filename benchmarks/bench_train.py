@@ -54,7 +54,8 @@ def measure(preset_name: str, model: str, device: str, amp: bool, iterations: in
 
     from MicroCTSynthLib.losses import GANLoss, validation_loss
     from MicroCTSynthLib.presets import load_preset
-    from MicroCTSynthLib.train import build_networks, loss_weights, resolve_device, training_step
+    from MicroCTSynthLib.inference import resolve_device
+    from MicroCTSynthLib.train import build_networks, loss_weights, training_step
 
     preset = {**load_preset(preset_name), **overrides}
     dev = resolve_device(device)

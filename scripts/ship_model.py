@@ -1,7 +1,6 @@
 """Ship a trained model: its checkpoint, slimmed, and its card in MicroCTSynthLib/Resources/models/<name>/.
 
-    python scripts/ship_model.py --checkpoint RUN/last.pt --data PHANTOM --name multitask_A \\
-        --command "microctsynth train ..." --summary "..." [--run RUN]
+    python scripts/ship_model.py --checkpoint RUN/last.pt --data PHANTOM --name multitask_A --summary "..."
 
 The checkpoint keeps what synthesis needs (network, normalisation, preset, history) and drops the
 optimisers, the discriminator and the generators' states, so it loads with ``weights_only=True``
@@ -57,12 +56,21 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
+def _first_command(run: Path) -> str:
+    """The command that started the run in ``run`` (the first line of its ``command.txt``)."""
+    path = run / "command.txt"
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: give the command that trained the model with --command.")
+    return path.read_text().splitlines()[0]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="the run's checkpoint to ship (best.pt, last.pt, epoch_NNN.pt)")
     parser.add_argument("--data", required=True, help="the prepared phantom it was trained on")
     parser.add_argument("--name", required=True, help="folder name under Resources/models/")
-    parser.add_argument("--command", required=True, help="the exact command that trained it")
+    parser.add_argument("--command", default=None,
+                        help="the exact command that trained it (default: the first line of the run's command.txt)")
     parser.add_argument("--summary", required=True, help="one line for the Slicer panel and `microctsynth models`")
     parser.add_argument("--threads", type=int, default=None, help="torch threads the training used (for the card)")
     parser.add_argument("--note", default="", help="anything else a user should know (choice of epoch, ...)")
@@ -99,7 +107,7 @@ def main(argv=None) -> int:
         "size_bytes": target.stat().st_size,
         "preset": state["preset"].get("name"),
         "preset_settings": state["preset"],
-        "command": args.command,
+        "command": args.command or _first_command(Path(args.checkpoint).parent),
         "data": {"phantom_version": versions[0] if len(versions) == 1 else versions, "phantom_seed": phantom.get("seed"),
                  "phantom_preset": dataset.data.get("preset"), "train": roles["train"], "val": roles.get("val") or [],
                  "test": roles["test"]},
