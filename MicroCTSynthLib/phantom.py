@@ -65,28 +65,29 @@ CT_SCANNERS = {
     "CBCT": {"voxel_mm": (0.2, 0.4), "psf_fwhm_mm": (0.4, 0.7), "gain": (0.75, 1.25), "offset_hu": (-250.0, 150.0),
              "noise_hu": (30.0, 90.0), "noise_correlation_mm": (0.1, 0.35), "streak_hu": (30.0, 100.0)},
 }
+
+
+def _bright_and_dark(common: dict, dark: tuple, bright: tuple) -> dict:
+    """Two cone-beam scanners alike but for their calibration: ``dark`` and ``bright`` are
+    ((gain low, high), (offset low, high HU))."""
+    return {name: {**common, "gain": gain, "offset_hu": offset}
+            for name, (gain, offset) in (("CBCT-bright", bright), ("CBCT-dark", dark))}
+
+
 #: Scanners just outside every range of :data:`CT_SCANNERS`: calibrated further off (brighter or
 #: darker), a little coarser, blurrier and noisier. ``phantom --scanners unseen`` renders the same
 #: specimens (same anatomy, pose and misalignment) as such a scanner would, to test that a model
 #: trained on the clinical ranges follows the anatomy rather than the scanner.
-UNSEEN_SCANNERS = {
-    "CBCT-bright": {"voxel_mm": (0.4, 0.44), "psf_fwhm_mm": (0.7, 0.75), "gain": (1.26, 1.32),
-                    "offset_hu": (150.0, 220.0), "noise_hu": (90.0, 105.0), "noise_correlation_mm": (0.35, 0.4),
-                    "streak_hu": (100.0, 115.0)},
-    "CBCT-dark": {"voxel_mm": (0.4, 0.44), "psf_fwhm_mm": (0.7, 0.75), "gain": (0.68, 0.74),
-                  "offset_hu": (-320.0, -250.0), "noise_hu": (90.0, 105.0), "noise_correlation_mm": (0.35, 0.4),
-                  "streak_hu": (100.0, 115.0)},
-}
+UNSEEN_SCANNERS = _bright_and_dark(
+    {"voxel_mm": (0.4, 0.44), "psf_fwhm_mm": (0.7, 0.75), "noise_hu": (90.0, 105.0),
+     "noise_correlation_mm": (0.35, 0.4), "streak_hu": (100.0, 115.0)},
+    dark=((0.68, 0.74), (-320.0, -250.0)), bright=((1.26, 1.32), (150.0, 220.0)))
 #: Scanners far outside (``--scanners far``): 0.42-0.5 mm voxels, 0.75-0.85 mm blur, 95-120 HU of
 #: coarse noise; thin soft tissue (membranes, the lamina's edges) is then below what the CT resolves.
-FAR_SCANNERS = {
-    "CBCT-bright": {"voxel_mm": (0.42, 0.5), "psf_fwhm_mm": (0.75, 0.85), "gain": (1.28, 1.36),
-                    "offset_hu": (160.0, 250.0), "noise_hu": (95.0, 120.0), "noise_correlation_mm": (0.36, 0.45),
-                    "streak_hu": (105.0, 130.0)},
-    "CBCT-dark": {"voxel_mm": (0.42, 0.5), "psf_fwhm_mm": (0.75, 0.85), "gain": (0.64, 0.72),
-                  "offset_hu": (-330.0, -260.0), "noise_hu": (95.0, 120.0), "noise_correlation_mm": (0.36, 0.45),
-                  "streak_hu": (105.0, 130.0)},
-}
+FAR_SCANNERS = _bright_and_dark(
+    {"voxel_mm": (0.42, 0.5), "psf_fwhm_mm": (0.75, 0.85), "noise_hu": (95.0, 120.0),
+     "noise_correlation_mm": (0.36, 0.45), "streak_hu": (105.0, 130.0)},
+    dark=((0.64, 0.72), (-330.0, -260.0)), bright=((1.28, 1.36), (160.0, 250.0)))
 SCANNER_SETS = {"clinical": CT_SCANNERS, "unseen": UNSEEN_SCANNERS, "far": FAR_SCANNERS}
 #: Bone denser than this (HU) hardens the beam.
 _DENSE_BONE_HU = 1500.0
