@@ -332,7 +332,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="quick", help="the phantom's preset, and with --train the training preset")
     p.add_argument("--seed", type=int, default=0, help="the phantom's seed")
     p.add_argument("--train", action="store_true",
-                   help="train every model (about 20 minutes on 2 cores) instead of using the shipped ones")
+                   help="train every model with the quick preset (about 5 minutes in all on 2 cores) instead of using the shipped ones")
     _device(p)
     _progress(p)
 
