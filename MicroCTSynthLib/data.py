@@ -69,11 +69,11 @@ def ct_levels(array: np.ndarray) -> tuple[float, float]:
     return air, bone
 
 
-def calibrate_ct(array: np.ndarray, levels) -> np.ndarray:
-    """``array`` mapped linearly so that its own air and bone levels (:func:`ct_levels`) land on
-    ``levels``: one scanner's calibration (a cone-beam CT's "HU" are off by a scale and an offset)
-    becomes the training scanners'."""
-    air, bone = ct_levels(array)
+def calibrate_ct(array: np.ndarray, levels, own=None) -> np.ndarray:
+    """``array`` mapped linearly so that its own air and bone levels (``own``, else measured by
+    :func:`ct_levels`) land on ``levels``: one scanner's calibration (a cone-beam CT's "HU" are off
+    by a scale and an offset) becomes the training scanners'."""
+    air, bone = ct_levels(array) if own is None else own
     target_air, target_bone = (float(v) for v in levels)
     scale = (target_bone - target_air) / (bone - air)
     return ((np.asarray(array, dtype=np.float32) - air) * scale + target_air).astype(np.float32)
@@ -363,15 +363,23 @@ def build_datasets(data_dir, group: str, preset: dict, normalization: Normalizat
     factor = int(preset.get("downsample") or 1)
     train_cases = load_split(dataset, split["train"], factor)
     val_cases = load_split(dataset, split["val"], factor)
+    # Calibration first (a resumed run keeps its levels), so that the normalisation is fitted on
+    # the CTs the network will see; each training CT's own levels are measured once.
+    own = [None] * len(train_cases)
+    if normalization is not None:
+        levels = normalization.ct_levels
+    elif preset.get("ct_calibration", "none") == "air-bone":
+        own = [ct_levels(c.ct) for c in train_cases]
+        levels = tuple(float(v) for v in np.median(np.array(own), axis=0))
+    else:
+        levels = None
+    if levels is not None:
+        for c, measured in zip(train_cases + val_cases, own + [None] * len(val_cases)):
+            c.ct = calibrate_ct(c.ct, levels, own=measured)
     if normalization is None:
         normalization = Normalization.fit([c.ct for c in train_cases], [c.microct for c in train_cases],
                                           [c.fov for c in train_cases], ct_window=preset.get("ct_window_hu"))
-        if preset.get("ct_calibration", "none") == "air-bone":
-            levels = np.array([ct_levels(c.ct) for c in train_cases])
-            normalization.ct_levels = tuple(float(v) for v in np.median(levels, axis=0))
-    if normalization.ct_levels is not None:
-        for c in train_cases + val_cases:
-            c.ct = normalization.calibrate(c.ct)
+        normalization.ct_levels = levels
     patch = int(preset["patch_size"])
     train = PatchDataset(train_cases, normalization, patch, preset.get("train_patch_overlap", 0.0))
     if len(train) == 0:

@@ -754,9 +754,8 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=None, b
     dev = resolve_device(device)
     generator, meta = load_generator(model_path, device=dev)
     normalization = Normalization.from_dict(meta["normalization"])
-    if normalization.ct_levels is not None:
-        # The model was trained on CTs calibrated to its training scanners' air and bone levels.
-        ct = ct.with_array(normalization.calibrate(ct.array))
+    # A model trained with ct_calibration sees CTs calibrated to its training scanners' air and bone levels.
+    ct = ct.with_array(normalization.calibrate(ct.array))
     multitask = meta.get("model") == "multi" or bool(meta.get("generator_args", {}).get("multitask", False))
     image_head = meta.get("model") != "segmenter"
     patch_size = int(meta.get("patch_size") or 0)
