@@ -268,3 +268,32 @@ def test_calibrated_model_gives_the_same_map_for_a_recalibrated_ct(tmp_path):
     as_is = synthesize(ct, best, reference=ct, device="cpu", precision="fp32")
     other_scanner = synthesize(ct.with_array(ct.array * 0.72 - 290.0), best, reference=ct, device="cpu", precision="fp32")
     assert (as_is.tissue.array == other_scanner.tissue.array).mean() > 0.999
+
+
+def test_ship_model_chooses_the_checkpoint_best_on_the_validation_specimens(tmp_path, monkeypatch):
+    """scripts/ship_model.py with a run folder: every epoch checkpoint scored on the group's
+    validation specimens, the highest mean Dice over the classes shipped, every score on the card."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import ship_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for epoch in (10, 20, 30):
+        (run / f"epoch_{epoch:03d}.pt").write_bytes(b"")
+    (run / "last.pt").write_bytes(b"")  # not an epoch checkpoint: never a candidate
+    scores = {"epoch_010.pt": (0.90, 0.30, 0.95), "epoch_020.pt": (0.91, 0.50, 0.92), "epoch_030.pt": (0.92, 0.40, 0.93)}
+
+    class Data:
+        @staticmethod
+        def group(name):
+            assert name == "A"
+            return {"train": ["S3_1"], "val": ["S3_8"], "test": ["S3_2"]}
+
+    monkeypatch.setattr(ship_model, "load_checkpoint", lambda path: {"group": "A"})
+    monkeypatch.setattr(ship_model, "score", lambda path, dataset, specimens: {
+        s: dict(zip(ship_model.CLASSES, scores[Path(path).name])) for s in specimens})
+    chosen, selection = ship_model.select_by_validation(run, Data())
+    assert chosen == run / "epoch_020.pt"  # mean 0.777 against 0.717 and 0.750
+    assert selection["chosen"] == "epoch_020.pt" and selection["validation"] == ["S3_8"]
+    assert set(selection["candidates"]) == set(scores)
+    assert selection["candidates"]["epoch_030.pt"]["Air"] == 0.92

@@ -1,6 +1,10 @@
 """Ship a trained model: its checkpoint, slimmed, and its card in MicroCTSynthLib/Resources/models/<name>/.
 
     python scripts/ship_model.py --checkpoint RUN/last.pt --data PHANTOM --name multitask_A --summary "..."
+    python scripts/ship_model.py --checkpoint RUN --data PHANTOM ...   # the epoch best on validation
+
+Given the run's folder, every ``epoch_NNN.pt`` is scored on the group's validation specimens and the
+one with the highest mean Dice over air, soft tissue and bone is shipped; the card lists them all.
 
 The checkpoint keeps what synthesis needs (network, normalisation, preset, history) and drops the
 optimisers, the discriminator and the generators' states, so it loads with ``weights_only=True``
@@ -64,9 +68,31 @@ def _first_command(run: Path) -> str:
     return path.read_text().splitlines()[0]
 
 
+def select_by_validation(run: Path, dataset: Dataset) -> tuple:
+    """The checkpoint of ``run`` (every ``epoch_NNN.pt``) whose tissue maps score best on the
+    group's validation specimens: the highest mean over the classes of the median Dice. Returns
+    its path and every candidate's scores (for the card)."""
+    candidates = sorted(run.glob("epoch_*.pt"))
+    if not candidates:
+        raise SystemExit(f"{run} holds no epoch_NNN.pt checkpoint to choose from.")
+    group = load_checkpoint(candidates[0])["group"]
+    validation = dataset.group(group).get("val") or []
+    if not validation:
+        raise SystemExit(f"Group {group} has no validation specimen to choose a checkpoint by.")
+    scores = {}
+    for path in candidates:
+        scores[path.name] = medians(score(path, dataset, validation))
+        print(f"{path.name}: validation Dice {' / '.join(f'{v:.3f}' for v in scores[path.name].values())}", flush=True)
+    best = max(scores, key=lambda name: sum(scores[name].values()))
+    return run / best, {"rule": "the epoch checkpoint with the highest mean Dice (air, soft tissue, bone) on the "
+                                "validation specimens", "validation": validation, "chosen": best, "candidates": scores}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="the run's checkpoint to ship (best.pt, last.pt, epoch_NNN.pt)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="the run's checkpoint to ship (best.pt, last.pt, epoch_NNN.pt), or the run's folder: "
+                             "the epoch checkpoint that scores best on the validation specimens")
     parser.add_argument("--data", required=True, help="the prepared phantom it was trained on")
     parser.add_argument("--name", required=True, help="folder name under Resources/models/")
     parser.add_argument("--command", default=None,
@@ -76,8 +102,12 @@ def main(argv=None) -> int:
     parser.add_argument("--note", default="", help="anything else a user should know (choice of epoch, ...)")
     args = parser.parse_args(argv)
 
-    state = load_checkpoint(args.checkpoint)
     dataset = Dataset.load(args.data)
+    selection = None
+    if Path(args.checkpoint).is_dir():
+        checkpoint, selection = select_by_validation(Path(args.checkpoint), dataset)
+        args.checkpoint = str(checkpoint)
+    state = load_checkpoint(args.checkpoint)
     group = state["group"]
     roles = dataset.group(group)
     folder = Path(str(resource("models", args.name)))
@@ -119,6 +149,7 @@ def main(argv=None) -> int:
             f"{torch.get_num_threads()} torch threads here", f"{args.threads} torch thread(s) in training"),
         "held_out": {"specimens": held_out, "median": medians(held_out)},
         "validation": validation,
+        "selection": selection,
         "note": args.note,
     }
     write_json(folder / "model.json", card)
