@@ -115,6 +115,17 @@ def _triple(value, name, kind=float) -> tuple:
     return value
 
 
+#: Voxels of the blend's denominator computed at once (1 MB of float32): a few planes, never a window's depth.
+DENOMINATOR_VOXELS = 2**18
+
+
+def plane_chunks(lo: int, hi: int, shape_yx):
+    """[lo, hi) cut into runs of planes of at most :data:`DENOMINATOR_VOXELS` voxels (one plane at least)."""
+    step = max(1, DENOMINATOR_VOXELS // max(1, int(shape_yx[0]) * int(shape_yx[1])))
+    for a in range(lo, hi, step):
+        yield a, min(a + step, hi)
+
+
 def weight_sum(lo: int, hi: int, starts, roi, weight: np.ndarray, shape_yx) -> np.ndarray:
     """``sum(w)`` over all windows of the grid ``starts`` (z, y, x lists) on planes [lo, hi), float32.
 
@@ -255,9 +266,8 @@ def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callab
     weight = importance_map(roi, mode)
     blend = _Blend(0, work[0], work[1:])
     _run_windows(array, 0, positions, roi, runner, batch_size, weight, blend, progress, n_outputs, background)
-    # Normalise in place, a window deep at a time: no volume-sized weight map.
-    for lo in range(0, work[0], roi[0]):
-        hi = min(lo + roi[0], work[0])
+    # Normalise in place, a few planes at a time: no volume-sized weight map.
+    for lo, hi in plane_chunks(0, work[0], work[1:]):
         denominator = weight_sum(lo, hi, starts, roi, weight, work[1:])
         for numerator in blend.numerators:
             numerator[:, lo:hi] /= denominator
@@ -482,7 +492,8 @@ class _Tiling:
             return None
         src = (slice(lo - z0, hi - z0), slice(pad[1], pad[1] + shape[1]), slice(pad[2], pad[2] + shape[2]))
         blended = acc.numerators[0][(slice(None),) + src]
-        blended /= weight_sum(lo, hi, self.starts, self.roi, self.weight, self.shape_yx)[(slice(None),) + src[1:]]
+        for a, b in plane_chunks(lo, hi, self.shape_yx):
+            blended[:, a - lo:b - lo] /= weight_sum(a, b, self.starts, self.roi, self.weight, self.shape_yx)[(slice(None),) + src[1:]]
         return blended, slice(lo - pad[0], hi - pad[0])
 
 

@@ -133,6 +133,23 @@ def test_matches_monai_sliding_window_inference(overlap, mode, shape):
     np.testing.assert_allclose(two[1], -theirs[0].numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_denominator_a_plane_at_a_time_gives_monais_result(monkeypatch):
+    """The blend's weight sum is made a few planes at a time; one plane at a time changes nothing."""
+    from monai.inferers import sliding_window_inference
+
+    from MicroCTSynthLib import synthesize as synthesize_module
+
+    monkeypatch.setattr(synthesize_module, "DENOMINATOR_VOXELS", 1)
+    assert list(synthesize_module.plane_chunks(3, 7, (5, 5))) == [(3, 4), (4, 5), (5, 6), (6, 7)]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 1, 3, padding=1)).eval()
+    x = torch.randn(1, 1, 37, 29, 41)
+    with torch.no_grad():
+        theirs = sliding_window_inference(x, (16, 16, 16), 3, net, overlap=0.5, mode="gaussian")
+    ours = sliding_window_synthesis(x, net, (16, 16, 16), overlap=0.5, mode="gaussian", sw_batch_size=3, **FP32)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 def test_progress_counts_windows():
     done = []
     sliding_window_synthesis(np.zeros((20, 20, 20), np.float32), Identity(), 16, overlap=0.5, progress=done.append,
