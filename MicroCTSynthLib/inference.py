@@ -6,8 +6,9 @@ choices here decide what a user waits for. Each is picked automatically and can 
 * ``precision``: ``"auto"`` is bf16 autocast where the hardware computes in bf16 natively (a
   CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX), else fp32. bf16 halves the
   activations' memory; on a CPU without native bf16 it would only be emulated, slower than fp32.
-* ``sw_batch_size``: ``"auto"`` stacks small windows into one call (about :data:`AUTO_BATCH_VOXELS`
-  voxels), where per-call overheads otherwise dominate, and leaves a 96³ window alone.
+* ``sw_batch_size``: ``"auto"`` stacks small windows into one PyTorch call (about
+  :data:`AUTO_BATCH_VOXELS` voxels), where per-call overheads otherwise dominate, and leaves a 96³
+  window alone; OpenVINO, whose calls cost little, takes one window at a time.
 * ``backend``: ``"auto"`` is OpenVINO (``pip install openvino``, the optional extra
   ``microctsynth[openvino]``) on a CPU when it is installed and the network is deterministic (no
   dropout left on), else PyTorch. The network is traced once per window shape and precision and
@@ -97,9 +98,13 @@ def precision_name(dtype: torch.dtype) -> str:
     return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
-def resolve_batch_size(sw_batch_size, roi, device) -> int:
-    """Windows per forward call: ``"auto"`` (or None) fills :data:`AUTO_BATCH_VOXELS`; else the number given."""
+def resolve_batch_size(sw_batch_size, roi, device, backend="torch") -> int:
+    """Windows per forward call: ``"auto"`` (or None) fills :data:`AUTO_BATCH_VOXELS` for PyTorch and
+    is one window for OpenVINO, whose calls cost little (so no batch of activations is held); else
+    the number given."""
     if sw_batch_size is None or sw_batch_size == "auto":
+        if backend == "openvino":
+            return 1
         budget = AUTO_BATCH_VOXELS.get(torch.device(device).type, AUTO_BATCH_VOXELS["cpu"])
         return int(max(1, min(MAX_AUTO_BATCH, budget // int(np.prod(roi)))))
     try:

@@ -115,8 +115,8 @@ def _triple(value, name, kind=float) -> tuple:
     return value
 
 
-#: Voxels of the blend's denominator computed at once (1 MB of float32): a few planes, never a window's depth.
-DENOMINATOR_VOXELS = 2**18
+#: Voxels of the blend's denominator computed at once (256 kB of float32): a few planes, never a window's depth.
+DENOMINATOR_VOXELS = 2**16
 
 
 def plane_chunks(lo: int, hi: int, shape_yx):
@@ -251,7 +251,7 @@ def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callab
     roi = _triple(roi_size, "roi_size", int)
     overlap = check_overlap(overlap)
     runner = WindowPredictor(predictor, roi, device, precision, backend)
-    batch_size = resolve_batch_size(sw_batch_size, roi, runner.device)
+    batch_size = resolve_batch_size(sw_batch_size, roi, runner.device, runner.backend)
     size = tuple(array.shape[1:])
     pad_before = [max(r - s, 0) // 2 for r, s in zip(roi, size)]
     pad_after = [max(r - s, 0) - b for r, s, b in zip(roi, size, pad_before)]
@@ -548,7 +548,7 @@ def _window_runner(generator: nn.Module, samples: int, multitask: bool, image_he
     if samples > 1 and backend in (None, "auto"):
         backend = "torch"  # stochastic passes keep dropout on, which only PyTorch runs
     runner = WindowPredictor(_passes(generator, samples, multitask, image_head), roi, device, precision, backend)
-    batch_size = resolve_batch_size(sw_batch_size, roi, runner.device)
+    batch_size = resolve_batch_size(sw_batch_size, roi, runner.device, runner.backend)
     log(f"Synthesis: {runner.description}, {batch_size} window{'s' if batch_size > 1 else ''} per call.", mode)
     return runner, batch_size
 

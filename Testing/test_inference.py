@@ -84,6 +84,8 @@ def test_batch_size_by_window_and_device():
     assert resolve_batch_size(None, (16,) * 3, cpu) == 32
     assert resolve_batch_size("auto", (96,) * 3, cuda) == 4
     assert resolve_batch_size("3", (96,) * 3, cpu) == 3
+    assert resolve_batch_size("auto", (24,) * 3, cpu, "openvino") == 1
+    assert resolve_batch_size("4", (24,) * 3, cpu, "openvino") == 4
     for bad in (0, -2, "many"):
         with pytest.raises(MicroCTSynthError, match="batch size"):
             resolve_batch_size(bad, (16,) * 3, cpu)

@@ -236,7 +236,7 @@ def bench_preset(name: str, size: int, device: torch.device, repeats: int, threa
     windows = len(patch_starts(size, patch, 0.5)) ** 3
     row = {"preset": name, "patch_size": patch, "ngf": preset["ngf"], "n_blocks": preset["n_blocks"], "size": size,
            "windows": windows, "device": str(device), "repeats": repeats, "ours_runs": runner.description,
-           "ours_batch": resolve_batch_size("auto", (patch,) * 3, device),
+           "ours_batch": resolve_batch_size("auto", (patch,) * 3, device, runner.backend),
            "max_abs_difference": float(np.abs(ours - reference).max()),
            "mean_abs_difference": float(np.abs(ours - reference).mean()),
            "monai_bf16_mean_abs_difference": float(np.abs(outputs["monai_bf16"][0].numpy() - reference).mean())}
