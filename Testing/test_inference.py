@@ -103,6 +103,8 @@ def test_backend_choice(monkeypatch):
     with pytest.raises(MicroCTSynthError, match="dropout"):
         resolve_backend("openvino", net, cpu)
     net.eval()
+    assert resolve_backend("auto", net, cpu) == "torch"  # too small to repay OpenVINO's conversion
+    monkeypatch.setattr(inference, "AUTO_OPENVINO_PARAMETERS", sum(p.numel() for p in net.parameters()))
     assert resolve_backend("auto", net, cpu) == "openvino"
     with pytest.raises(MicroCTSynthError, match="CPU"):
         resolve_backend("openvino", net, cuda)
