@@ -194,9 +194,9 @@ def test_cmake_lists_name_existing_files():
         assert (MODULE_DIR / f).is_file(), f"MicroCTSynth/CMakeLists.txt names a missing file {f}"
     # The engine's package data is installed with its scripts: presets now, shipped models later.
     assert "MicroCTSynthLib/Resources/presets/*.json" in module and "MicroCTSynthLib/Resources/models/*" in module
-    assert sorted(p.name for p in (ENGINE / "Resources" / "presets").glob("*.json")) == ["paper.json", "pretrained-calibrated.json",
-                                                                              "pretrained-context48.json", "pretrained.json",
-                                                                              "quick.json", "tiny.json"]
+    assert sorted(p.name for p in (ENGINE / "Resources" / "presets").glob("*.json")) == [
+        "paper.json", "pretrained-calibrated.json", "pretrained-context48.json", "pretrained-long.json",
+        "pretrained-robust.json", "pretrained-robust40.json", "pretrained.json", "quick.json", "tiny.json"]
 
 
 def _always_true(test: ast.expr) -> bool:
