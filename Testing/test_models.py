@@ -273,7 +273,7 @@ def test_calibrated_model_gives_the_same_map_for_a_recalibrated_ct(tmp_path):
 def test_ship_model_chooses_the_checkpoint_best_on_the_validation_specimens(tmp_path, monkeypatch):
     """scripts/ship_model.py with a run folder: every epoch checkpoint scored on the group's
     validation specimens, the highest mean Dice over the classes shipped, every score on the card."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
     import ship_model
 
     run = tmp_path / "run"
