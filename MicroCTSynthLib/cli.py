@@ -235,7 +235,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-mismatch", action="store_true",
                    help="resume a checkpoint of another group or other cases (normally refused)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (--no-amp: fp32); default: the preset's cpu_bf16 on a CPU with native bf16, fp32 on a GPU")
+                   help="bf16 autocast (--no-amp: fp32); default: bf16 on a GPU that supports it, the preset's cpu_bf16 on a CPU with native bf16")
     p.add_argument("--seed", type=int, default=0)
     _device(p)
     _progress(p)

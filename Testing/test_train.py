@@ -258,6 +258,13 @@ def test_amp_on_a_cpu_without_native_bf16_warns_and_trains_in_fp32(dataset_dir, 
     assert train_module._resolve_amp(None, {**load_preset("paper"), "cpu_bf16": True}, torch.device("cpu"), "none") is True
     assert train_module._resolve_amp(None, load_preset("quick"), torch.device("cpu"), "none") is False
     assert train_module._resolve_amp(False, {**load_preset("paper"), "cpu_bf16": True}, torch.device("cpu"), "none") is False
+    # On a GPU: bf16 by default where it supports it, whatever the preset's CPU choice; --no-amp keeps fp32.
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert train_module._resolve_amp(None, load_preset("quick"), cuda, "none") is True
+    assert train_module._resolve_amp(False, load_preset("paper"), cuda, "none") is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a pre-Ampere GPU
+    assert train_module._resolve_amp(None, load_preset("paper"), cuda, "none") is False
 
 
 def test_multitask_run_with_bf16_autocast_on_cpu_trains(dataset_dir, tmp_path, monkeypatch):

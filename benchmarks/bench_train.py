@@ -48,7 +48,7 @@ def _value(text: str):
 
 
 def measure(preset_name: str, model: str, device: str, amp: bool, iterations: int, warmup: int,
-            overrides: dict, channels_last: bool = True) -> dict:
+            overrides: dict, channels_last: bool = False) -> dict:
     """Time ``iterations`` training steps of one preset in this process."""
     import torch
 
@@ -68,7 +68,7 @@ def measure(preset_name: str, model: str, device: str, amp: bool, iterations: in
     generator, discriminator = build_networks(preset, model)
     generator.to(dev).train()
     discriminator.to(dev).train()
-    if dev.type == "cuda":  # as train() runs on a GPU: cuDNN autotuning, channels-last 3D
+    if dev.type == "cuda":  # as train() runs on a GPU: cuDNN autotuning, channels-last 3D if asked
         from MicroCTSynthLib.inference import configure_cuda
 
         configure_cuda(dev)
@@ -151,7 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-bf16", action="store_true",
                         help="time each preset in fp32 and under bf16 autocast, side by side, and print the ratio "
                              "beside the preset's cpu_bf16 choice")
-    parser.add_argument("--no-channels-last", action="store_true", help="CUDA: keep the default NCDHW layout")
+    parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                        help="CUDA: channels-last 3D networks and patches (auto: as train runs, CUDA_CHANNELS_LAST)")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -170,8 +171,11 @@ def main(argv=None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
+        from MicroCTSynthLib.inference import CUDA_CHANNELS_LAST
+
+        channels_last = CUDA_CHANNELS_LAST if args.channels_last == "auto" else args.channels_last == "on"
         row = measure(args.preset, args.model, args.device, args.amp, args.iterations, args.warmup, overrides,
-                      channels_last=not args.no_channels_last)
+                      channels_last=channels_last)
         print(json.dumps(row))
         return 0
 
@@ -182,7 +186,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--child", "--preset", preset, "--model", args.model, "--device", args.device,
                "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
         cmd += ["--amp"] if amp else []
-        cmd += ["--no-channels-last"] if args.no_channels_last else []
+        cmd += ["--channels-last", args.channels_last]
         cmd += ["--threads", str(args.threads)] if args.threads else []
         for item in args.set:
             cmd += ["--set", item]
