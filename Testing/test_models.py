@@ -212,13 +212,28 @@ def test_shipped_model_with_a_damaged_file_is_refused(tmp_path):
         verify_shipped(card)
 
 
-def test_bf16_tissue_map_agrees_with_fp32(phantom_case):
-    card = next(c for c in SHIPPED.values() if c["model"] == "multi")
+@pytest.mark.parametrize("model", ["single", "multi"])
+def test_bf16_tissue_map_agrees_with_fp32(phantom_case, model):
+    card = next(c for c in SHIPPED.values() if c["model"] == model)
     ct, _ = phantom_case
     fp32 = synthesize(ct, shipped_checkpoint(card), reference=ct, device="cpu", precision="fp32")
     bf16 = synthesize(ct, shipped_checkpoint(card), reference=ct, device="cpu", precision="bf16")
     dice = dice_per_class(fp32.tissue.array, bf16.tissue.array)
     assert min(dice.values()) >= 0.99, dice
+
+
+def test_segmenter_stays_in_fp32_where_auto_would_take_bf16(phantom_case, monkeypatch):
+    import MicroCTSynthLib.inference as inference
+
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)  # as on a CPU with AMX
+    assert inference.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
+    card = next(c for c in SHIPPED.values() if c["model"] == "segmenter")
+    ct, _ = phantom_case
+    auto = synthesize(ct, shipped_checkpoint(card), reference=ct, device="cpu")
+    fp32 = synthesize(ct, shipped_checkpoint(card), reference=ct, device="cpu", precision="fp32")
+    bf16 = synthesize(ct, shipped_checkpoint(card), reference=ct, device="cpu", precision="bf16")
+    assert np.array_equal(auto.tissue.array, fp32.tissue.array)
+    assert not np.array_equal(bf16.tissue.array, fp32.tissue.array)  # what "auto" avoids
 
 
 def test_pretrained_experiment_without_the_model_says_so_in_one_sentence(tmp_path):
