@@ -270,9 +270,14 @@ def test_amp_on_a_cpu_without_native_bf16_warns_and_trains_in_fp32(dataset_dir, 
 def test_multitask_run_with_bf16_autocast_on_cpu_trains(dataset_dir, tmp_path, monkeypatch):
     import MicroCTSynthLib.train as train_module
 
+    native = train_module.cpu_has_native_bf16()
     monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)  # emulated where it is not
-    best = train(dataset_dir, model="multi", preset="tiny", out=tmp_path, epochs_constant=1, epochs_decay=1,
-                 amp=True, device="cpu", progress="none")
+    # Where bf16 is only emulated (and training refuses it, see above), oneDNN's bf16 weight gradient of
+    # the discriminator's 3^3 -> 2^3 head now and then comes back NaN from finite inputs (about one run
+    # in six here, found with anomaly detection): that path runs on PyTorch's own kernels instead.
+    with torch.backends.mkldnn.flags(enabled=native):
+        best = train(dataset_dir, model="multi", preset="tiny", out=tmp_path, epochs_constant=1, epochs_decay=1,
+                     amp=True, device="cpu", progress="none")
     ckpt = load_checkpoint(best)
     assert ckpt["model"] == "multi" and ckpt["generator_args"]["multitask"]
     assert {"val_L1", "val_dice"} <= set(ckpt["history"][-1]) and "val_perceptual" not in ckpt["history"][-1]
