@@ -11,7 +11,8 @@ validation loss, no gradient).
 
     python benchmarks/bench_train.py [--preset all|paper|quick|tiny] [--model single|multi]
                                      [--device auto|cpu|cuda] [--amp] [--iterations 3] [--warmup 1]
-                                     [--threads N] [--set key=value ...] [--json out.json|-]
+                                     [--channels-last auto|on|off] [--threads N] [--set key=value ...]
+                                     [--json out.json|-]
 
 The paper preset at 96^3 on a CPU takes several seconds per iteration: the defaults time 3
 iterations after 1 warm-up.
