@@ -41,7 +41,8 @@ from .choices import MODEL_TITLES, check_model_kind
 from .checkpoint import (check_network_arguments, load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .data import Normalization, PatchDataset, build_datasets, patch_sampler
 from .augment import randomize_ct
-from .inference import CUDA_CHANNELS_LAST, configure_cuda, cpu_has_native_bf16, resolve_device
+from . import inference
+from .inference import configure_cuda, cpu_has_native_bf16, resolve_device
 from .errors import MicroCTSynthError
 from .losses import GANLoss, discriminator_loss, generator_loss, loss_options, segmentation_loss, validation_loss
 from .networks import Discriminator, Generator, Segmenter, segmenter_levels
@@ -551,9 +552,10 @@ class _Networks:
             self.D = DDP(self.discriminator, device_ids=ids) if self.gan else None
         if dev.type == "cuda":
             # Every patch has one shape: cuDNN autotunes each convolution once; pinned batches copy
-            # to the GPU without blocking. Channels-last 3D only where it pays (CUDA_CHANNELS_LAST).
+            # to the GPU without blocking. Channels-last 3D only where it pays: the one switch,
+            # read when used, that synthesis reads too.
             configure_cuda(dev)
-            if CUDA_CHANNELS_LAST:
+            if inference.CUDA_CHANNELS_LAST:
                 for net in self.networks.values():
                     net.to(memory_format=torch.channels_last_3d)
 
