@@ -13,7 +13,9 @@ scans of every one of them. :func:`randomize_ct` does that to each training patc
 3. its calibration: ``HU * gain + offset``;
 4. its noise: Gaussian, of a random level and a random grain (correlation length);
 
-then clipped into the network's CT window as :class:`~MicroCTSynthLib.data.Normalization` does.
+then, where the preset harmonises every CT by a fixed blur (``ct_harmonize_fwhm_mm``, applied
+to the whole training CTs before their patches are cut), the noise is blurred by it too, as the
+harmonising blur blurs a scanner's own noise at synthesis; then clipped into the network's CT window as :class:`~MicroCTSynthLib.data.Normalization` does.
 Each step is drawn from torch's generator (seeded and checkpointed with the run), per patch,
 with probability ``augment_probability``; the ranges are the preset's ``augment_*`` windows.
 """
@@ -71,9 +73,10 @@ def _coarser_grid(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def randomize_ct(real_A: torch.Tensor, preset: dict, ct_window, spacing_mm: float,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, harmonize_fwhm_mm: float = 0.0) -> torch.Tensor:
     """``real_A`` (B, 1, z, y, x, network units of the CT window ``ct_window`` in HU) as if each patch
-    came from another scanner; ``spacing_mm``: the patches' voxel size. A new tensor."""
+    came from another scanner; ``spacing_mm``: the patches' voxel size; ``harmonize_fwhm_mm``: the
+    blur the CTs were harmonised with (the added noise gets it too). A new tensor."""
     probability = float(preset.get("augment_probability", 0.0))
     if probability <= 0.0:
         return real_A
@@ -93,7 +96,8 @@ def randomize_ct(real_A: torch.Tensor, preset: dict, ct_window, spacing_mm: floa
         if level > 0.0:
             grain = _uniform(preset["augment_noise_correlation_mm"], generator) / _FWHM_PER_SIGMA / spacing_mm
             noise = _gaussian_blur(torch.randn(hu.shape, generator=generator, dtype=hu.dtype, device=hu.device), grain)
-            hu = hu + noise * (level / noise.std().clamp_min(1e-6))
+            noise = noise * (level / noise.std().clamp_min(1e-6))
+            hu = hu + _gaussian_blur(noise, float(harmonize_fwhm_mm) / _FWHM_PER_SIGMA / spacing_mm)
         x = ((hu - lo) / (hi - lo) * 2.0 - 1.0).clamp(-1.0, 1.0)
         out.append(x[0].to(real_A.dtype))
     return torch.stack(out, 0)

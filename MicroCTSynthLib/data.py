@@ -79,6 +79,24 @@ def calibrate_ct(array: np.ndarray, levels, own=None) -> np.ndarray:
     return ((np.asarray(array, dtype=np.float32) - air) * scale + target_air).astype(np.float32)
 
 
+#: A Gaussian's full width at half maximum over its standard deviation.
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+def harmonize_ct(array: np.ndarray, spacing_xyz, fwhm_mm: float) -> np.ndarray:
+    """``array`` (z, y, x) blurred by a Gaussian of ``fwhm_mm`` (isotropic, in mm; voxel size
+    ``spacing_xyz``, edges replicated): with ``ct_harmonize_fwhm_mm`` every CT, sharp or not, is
+    blurred by the same kernel before the network, so that the resolutions of different scanners
+    (their blur adds in quadrature to this one) differ less in what the network sees."""
+    from scipy.ndimage import gaussian_filter
+
+    fwhm = float(fwhm_mm)
+    if fwhm <= 0.0:
+        return array
+    sigma = [fwhm / FWHM_PER_SIGMA / float(s) for s in reversed(tuple(spacing_xyz))]
+    return gaussian_filter(np.asarray(array, dtype=np.float32), sigma, mode="nearest", truncate=3.0).astype(np.float32)
+
+
 @dataclass
 class Normalization:
     """Fixed linear maps of the CT window (HU) and the micro-CT range onto [-1, 1], clipped.
@@ -87,21 +105,32 @@ class Normalization:
     synthesis applies exactly the mapping the generator learnt. ``ct_levels``: with the preset's
     ``ct_calibration`` "air-bone", the air and bone levels (HU) every CT is calibrated to first
     (:func:`calibrate_ct`: the training CTs' median levels); None: CTs are taken as they are.
+    ``ct_harmonize_fwhm_mm``: the preset's blur every CT gets next (:func:`harmonize_ct`; 0: none).
     """
 
     ct_window: tuple[float, float]
     microct_range: tuple[float, float]
     ct_levels: tuple[float, float] | None = None
+    ct_harmonize_fwhm_mm: float = 0.0
 
     def __post_init__(self):
         self.ct_window = _check_range(self.ct_window, "CT window")
         self.microct_range = _check_range(self.microct_range, "micro-CT range")
         if self.ct_levels is not None:
             self.ct_levels = _check_range(self.ct_levels, "CT air and bone levels")
+        fwhm = self.ct_harmonize_fwhm_mm
+        if not (isinstance(fwhm, (int, float)) and math.isfinite(fwhm) and 0.0 <= fwhm <= 5.0):
+            raise MicroCTSynthError(f"The CT's harmonising blur must be 0-5 mm FWHM, not {fwhm!r}.")
+        self.ct_harmonize_fwhm_mm = float(fwhm)
 
     def calibrate(self, array: np.ndarray) -> np.ndarray:
         """A whole CT calibrated to the training CTs' air and bone levels (as is without ``ct_levels``)."""
         return array if self.ct_levels is None else calibrate_ct(array, self.ct_levels)
+
+    def prepare_ct(self, array: np.ndarray, spacing_xyz) -> np.ndarray:
+        """A whole CT (HU, voxel size ``spacing_xyz`` mm) as the network was trained to see it:
+        calibrated (:meth:`calibrate`), then blurred by the harmonising kernel (:func:`harmonize_ct`)."""
+        return harmonize_ct(self.calibrate(array), spacing_xyz, self.ct_harmonize_fwhm_mm)
 
     def ct_to_net(self, a: np.ndarray) -> np.ndarray:
         return _to_unit(a, *self.ct_window)
@@ -115,13 +144,15 @@ class Normalization:
 
     def to_dict(self) -> dict:
         levels = {} if self.ct_levels is None else {"ct_levels": list(self.ct_levels)}
-        return {"ct_window": list(self.ct_window), "microct_range": list(self.microct_range), **levels}
+        blur = {"ct_harmonize_fwhm_mm": self.ct_harmonize_fwhm_mm} if self.ct_harmonize_fwhm_mm > 0 else {}
+        return {"ct_window": list(self.ct_window), "microct_range": list(self.microct_range), **levels, **blur}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Normalization":
         try:
             levels = d.get("ct_levels")
-            return cls(tuple(d["ct_window"]), tuple(d["microct_range"]), tuple(levels) if levels is not None else None)
+            return cls(tuple(d["ct_window"]), tuple(d["microct_range"]), tuple(levels) if levels is not None else None,
+                       d.get("ct_harmonize_fwhm_mm", 0.0))
         except (KeyError, TypeError):
             raise MicroCTSynthError("The model file's intensity normalisation is missing or damaged.") from None
 
@@ -376,10 +407,15 @@ def build_datasets(data_dir, group: str, preset: dict, normalization: Normalizat
     if levels is not None:
         for c, measured in zip(train_cases + val_cases, own + [None] * len(val_cases)):
             c.ct = calibrate_ct(c.ct, levels, own=measured)
+    blur = (normalization.ct_harmonize_fwhm_mm if normalization is not None
+            else float(preset.get("ct_harmonize_fwhm_mm", 0.0)))
+    for c in train_cases + val_cases:
+        c.ct = harmonize_ct(c.ct, c.spacing, blur)
     if normalization is None:
         normalization = Normalization.fit([c.ct for c in train_cases], [c.microct for c in train_cases],
                                           [c.fov for c in train_cases], ct_window=preset.get("ct_window_hu"))
         normalization.ct_levels = levels
+        normalization.ct_harmonize_fwhm_mm = blur
     patch = int(preset["patch_size"])
     train = PatchDataset(train_cases, normalization, patch, preset.get("train_patch_overlap", 0.0))
     if len(train) == 0:

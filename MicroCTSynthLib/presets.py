@@ -52,6 +52,7 @@ SCHEMA = {
     "augment_blur_fwhm_mm": ("window", 0.0, 10.0), "augment_noise_hu": ("window", 0.0, 5000.0),
     "augment_noise_correlation_mm": ("window", 0.0, 10.0), "cpu_bf16": ("bool", None, None),
     "segmenter_filters": ("int", 1, 1024), "ct_calibration": (("none", "air-bone"), None, None),
+    "ct_harmonize_fwhm_mm": ("float", 0.0, 5.0),
 }
 
 

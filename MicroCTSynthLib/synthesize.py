@@ -765,8 +765,9 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=None, b
     dev = resolve_device(device)
     generator, meta = load_generator(model_path, device=dev)
     normalization = Normalization.from_dict(meta["normalization"])
-    # A model trained with ct_calibration sees CTs calibrated to its training scanners' air and bone levels.
-    ct = ct.with_array(normalization.calibrate(ct.array))
+    # A model trained with ct_calibration sees CTs calibrated to its training scanners' air and bone
+    # levels, and one trained with ct_harmonize_fwhm_mm sees them blurred as its training CTs were.
+    ct = ct.with_array(normalization.prepare_ct(ct.array, ct.spacing))
     multitask = meta.get("model") == "multi" or bool(meta.get("generator_args", {}).get("multitask", False))
     image_head = meta.get("model") != "segmenter"
     if not image_head and (precision is None or str(precision).lower() == "auto"):

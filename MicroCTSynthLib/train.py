@@ -688,13 +688,15 @@ class _Trainer:
         epoch_lr = self.nets.optimizer_G.param_groups[0]["lr"]
         patch_spacing = float(min(self.data["spacing_mm"])) * int(self.data["downsample"])
         window_ct = self.data["normalization"].ct_window
+        harmonize = self.data["normalization"].ct_harmonize_fwhm_mm
         sums: dict[str, float] = {}
         # Losses since the last progress line: a line reports their mean, not one iteration's.
         window: dict[str, float] = {}
         window_steps = 0
         start = time.monotonic()
         for step, batch in enumerate(self.loader):
-            real_A = randomize_ct(batch["real_A"].to(dev, non_blocking=True), self.preset, window_ct, patch_spacing)
+            real_A = randomize_ct(batch["real_A"].to(dev, non_blocking=True), self.preset, window_ct, patch_spacing,
+                                  harmonize_fwhm_mm=harmonize)
             terms = self.nets.step(real_A, batch["real_B"].to(dev, non_blocking=True),
                                    batch["tissue"].to(dev, non_blocking=True), self.autocast)
             global_step = epoch * steps + step + 1

@@ -285,6 +285,58 @@ def test_calibrated_model_gives_the_same_map_for_a_recalibrated_ct(tmp_path):
     assert (as_is.tissue.array == other_scanner.tissue.array).mean() > 0.999
 
 
+# -- the harmonising blur (ct_harmonize_fwhm_mm) -----------------------------------------------------
+def test_harmonizing_blur_is_an_isotropic_gaussian_of_the_given_fwhm_in_mm():
+    from MicroCTSynthLib.data import FWHM_PER_SIGMA, harmonize_ct
+
+    impulse = np.zeros((41, 61, 61), np.float32)
+    impulse[20, 30, 30] = 1.0
+    assert harmonize_ct(impulse, (0.05, 0.05, 0.1), 0.0) is impulse
+    blurred = harmonize_ct(impulse, (0.05, 0.05, 0.1), 0.6)  # x, y 0.05 mm; z 0.1 mm
+    assert blurred.dtype == np.float32 and abs(float(blurred.sum()) - 1.0) < 1e-4
+    z, y, x = (np.arange(n) - c for n, c in zip(blurred.shape, (20, 30, 30)))
+    sd_mm = [float(np.sqrt((blurred.sum(axis=tuple(a for a in range(3) if a != axis)) * d ** 2).sum())) * step
+             for axis, d, step in ((0, z, 0.1), (1, y, 0.05), (2, x, 0.05))]
+    assert np.allclose(sd_mm, 0.6 / FWHM_PER_SIGMA, rtol=0.06), sd_mm
+    with pytest.raises(MicroCTSynthError, match="harmonising blur"):
+        Normalization(WINDOW, (0.0, 1.0), None, -0.1)
+
+
+def test_harmonized_noise_of_the_randomisation_is_blurred_as_a_scanners_would_be():
+    patch = _ct_patch()
+    preset = {**load_preset("pretrained"), "augment_probability": 1.0, "augment_gain": [0.999, 1.001],
+              "augment_offset_hu": [-0.1, 0.1], "augment_voxel_mm": [0.01, 0.02], "augment_blur_fwhm_mm": [0.0, 0.001],
+              "augment_noise_hu": [100.0, 100.1], "augment_noise_correlation_mm": [0.1, 0.11]}
+    residual_sd = {}
+    for fwhm in (0.0, 0.6):
+        out = randomize_ct(patch, preset, WINDOW, 0.0752, generator=torch.Generator().manual_seed(3), harmonize_fwhm_mm=fwhm)
+        inside = (_hu(patch) > -500) & (_hu(patch) < 2500)
+        residual_sd[fwhm] = float((_hu(out) - _hu(patch))[inside].std())
+    assert 80.0 < residual_sd[0.0] < 120.0
+    assert residual_sd[0.6] < 0.4 * residual_sd[0.0]  # 0.1 mm grain under 0.6 mm of blur
+
+
+def test_harmonized_model_blurs_every_ct_at_synthesis_as_its_training_cts(tmp_path):
+    from MicroCTSynthLib.checkpoint import save_checkpoint
+    from MicroCTSynthLib.data import harmonize_ct
+
+    data = write_synthetic_dataset(tmp_path / "data").root
+    preset = {**load_preset("tiny"), "ct_harmonize_fwhm_mm": 0.3}
+    best = train(data, model="multi", preset=preset, out=tmp_path / "run", device="cpu", progress="none")
+    state = load_checkpoint(best)
+    assert state["normalization"]["ct_harmonize_fwhm_mm"] == 0.3
+    unblurred = {**state, "normalization": {k: v for k, v in state["normalization"].items() if k != "ct_harmonize_fwhm_mm"}}
+    plain = save_checkpoint(tmp_path / "plain.pt", unblurred)
+    ct = Volume(synthetic_case(32, seed=3)["ct_registered"], spacing=(0.0752,) * 3)
+    harmonized = synthesize(ct, best, reference=ct, device="cpu", precision="fp32")
+    by_hand = synthesize(ct.with_array(harmonize_ct(ct.array, ct.spacing, 0.3)), plain, reference=ct,
+                         device="cpu", precision="fp32")
+    as_is = synthesize(ct, plain, reference=ct, device="cpu", precision="fp32")
+    assert np.allclose(harmonized.microct.array, by_hand.microct.array, atol=1e-5)
+    assert np.array_equal(harmonized.tissue.array, by_hand.tissue.array)
+    assert not np.allclose(harmonized.microct.array, as_is.microct.array, atol=1e-3)
+
+
 def test_ship_model_chooses_the_checkpoint_best_on_the_validation_specimens(tmp_path, monkeypatch):
     """scripts/ship_model.py with a run folder: every epoch checkpoint scored on the group's
     validation specimens, the highest mean Dice over the classes shipped, every score on the card."""
