@@ -6,8 +6,11 @@ and once with scanners outside every clinical range (``--scanners unseen``: coar
 noisier, calibrated further off). Each model synthesizes the test specimens of a group in both,
 and the median Dice per class is compared; the drop is clinical minus unseen.
 
-    python benchmarks/bench_scanners.py --clinical DIR --unseen DIR [--group A]
+    python benchmarks/bench_scanners.py --clinical DIR --unseen DIR [--group A] [--split test|val]
         --model NAME=CHECKPOINT [--model ...] [--json out.json]
+
+``--split val`` scores the group's validation specimens instead, for choosing between recipes
+without looking at the test specimens.
 
 Both folders must be prepared phantoms of the same seed (``microctsynth prepare``).
 """
@@ -31,6 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--clinical", required=True, help="prepared phantom, clinical scanners")
     parser.add_argument("--unseen", required=True, help="prepared phantom of the same seed, unseen scanners")
     parser.add_argument("--group", default="A")
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="the group's specimens to score")
     parser.add_argument("--model", action="append", required=True, metavar="NAME=CHECKPOINT")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write the figures to this file")
@@ -40,11 +44,15 @@ def main(argv=None) -> int:
     seeds = [(d.data.get("phantom") or {}).get("seed") for d in (clinical, unseen)]
     if seeds[0] != seeds[1]:
         parser.error(f"the two phantoms must share a seed (clinical {seeds[0]}, unseen {seeds[1]})")
-    specimens = clinical.group(args.group)["test"]
+    # Only the scored specimens need to be there (not the group's training ones).
+    groups = clinical.data.get("groups") or {}
+    if args.group not in groups:
+        parser.error(f"the phantom has no group {args.group} (it has {', '.join(groups) or 'none'})")
+    specimens = groups[args.group][args.split]
     scanners = {name: {s: (d.data["phantom"]["specimens"][s]["ct_scanner"]) for s in specimens}
                 for name, d in (("clinical", clinical), ("unseen", unseen))}
     rows = {}
-    print(f"Group {args.group} test specimens {', '.join(specimens)} (seed {seeds[0]}); median Dice air / soft tissue / bone")
+    print(f"Group {args.group} {args.split} specimens {', '.join(specimens)} (seed {seeds[0]}); median Dice air / soft tissue / bone")
     for item in args.model:
         name, _, checkpoint = item.partition("=")
         row = {}
@@ -57,7 +65,7 @@ def main(argv=None) -> int:
         print(f"  {name:<28} clinical {fmt(row['clinical']['median'])}   unseen {fmt(row['unseen']['median'])}   "
               f"drop {fmt(row['drop'])}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"group": args.group, "seed": seeds[0], "scanners": scanners,
+        Path(args.json).write_text(json.dumps({"group": args.group, "split": args.split, "seed": seeds[0], "scanners": scanners,
                                                "models": rows}, indent=1) + "\n")
     return 0
 
