@@ -84,7 +84,7 @@ STEP_PACKAGES = {
     "register": ("SimpleITK", "scipy", "scikit-image", "tqdm"),
     "tissueMap": ("SimpleITK", "scipy", "scikit-image"),
     "addCase": ("SimpleITK", "scipy", "scikit-image", "tqdm"),
-    "train": ("torch", "SimpleITK", "scikit-image", "matplotlib", "tqdm", "tensorboard", "monai"),
+    "train": ("torch", "SimpleITK", "scipy", "scikit-image", "matplotlib", "tqdm", "tensorboard", "monai"),
     "synthesize": ("torch", "SimpleITK", "scipy", "scikit-image", "tqdm", "monai"),
     "atlas": ("SimpleITK", "scipy", "scikit-image", "tqdm"),
     "compare": ("SimpleITK", "scipy"),

@@ -27,13 +27,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .volume import FWHM_PER_SIGMA
+
 __all__ = ["AUGMENT_KEYS", "enabled", "randomize_ct"]
 
 #: Preset keys of the ranges, each a window [low, high] drawn uniformly.
 AUGMENT_KEYS = ("augment_gain", "augment_offset_hu", "augment_voxel_mm", "augment_blur_fwhm_mm",
                 "augment_noise_hu", "augment_noise_correlation_mm")
-
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 def enabled(preset: dict) -> bool:
@@ -90,14 +90,14 @@ def randomize_ct(real_A: torch.Tensor, preset: dict, ct_window, spacing_mm: floa
         hu = (x + 1.0) / 2.0 * (hi - lo) + lo
         hu = _coarser_grid(hu, _uniform(preset["augment_voxel_mm"], generator) / spacing_mm)
         fwhm = _uniform(preset["augment_blur_fwhm_mm"], generator)
-        hu = _gaussian_blur(hu, fwhm / _FWHM_PER_SIGMA / spacing_mm)
+        hu = _gaussian_blur(hu, fwhm / FWHM_PER_SIGMA / spacing_mm)
         hu = hu * _uniform(preset["augment_gain"], generator) + _uniform(preset["augment_offset_hu"], generator)
         level = _uniform(preset["augment_noise_hu"], generator)
         if level > 0.0:
-            grain = _uniform(preset["augment_noise_correlation_mm"], generator) / _FWHM_PER_SIGMA / spacing_mm
+            grain = _uniform(preset["augment_noise_correlation_mm"], generator) / FWHM_PER_SIGMA / spacing_mm
             noise = _gaussian_blur(torch.randn(hu.shape, generator=generator, dtype=hu.dtype, device=hu.device), grain)
             noise = noise * (level / noise.std().clamp_min(1e-6))
-            hu = hu + _gaussian_blur(noise, float(harmonize_fwhm_mm) / _FWHM_PER_SIGMA / spacing_mm)
+            hu = hu + _gaussian_blur(noise, float(harmonize_fwhm_mm) / FWHM_PER_SIGMA / spacing_mm)
         x = ((hu - lo) / (hi - lo) * 2.0 - 1.0).clamp(-1.0, 1.0)
         out.append(x[0].to(real_A.dtype))
     return torch.stack(out, 0)

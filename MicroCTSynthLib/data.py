@@ -37,7 +37,7 @@ from .dataset import Dataset
 from .errors import MicroCTSynthError
 from .labels import OUTSIDE
 from .tiling import check_overlap, patch_starts
-from .volume import Volume, read_volume
+from .volume import FWHM_PER_SIGMA, Volume, read_volume
 
 __all__ = ["Normalization", "CasePair", "downsample_image", "downsample_labels", "downsample_volume",
            "patch_grid", "load_case", "load_split", "PatchDataset", "PatchSampler",
@@ -77,10 +77,6 @@ def calibrate_ct(array: np.ndarray, levels, own=None) -> np.ndarray:
     target_air, target_bone = (float(v) for v in levels)
     scale = (target_bone - target_air) / (bone - air)
     return ((np.asarray(array, dtype=np.float32) - air) * scale + target_air).astype(np.float32)
-
-
-#: A Gaussian's full width at half maximum over its standard deviation.
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 def harmonize_ct(array: np.ndarray, spacing_xyz, fwhm_mm: float) -> np.ndarray:

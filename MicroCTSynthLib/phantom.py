@@ -45,7 +45,7 @@ from .errors import MicroCTSynthError
 from .labels import AIR, BONE, OUTSIDE, SOFT_TISSUE
 from .presets import load_preset
 from .progress import Progress, emit_json, report_result
-from .volume import Volume, atomic_path, write_volume
+from .volume import FWHM_PER_SIGMA, Volume, atomic_path, write_volume
 
 #: Version of the phantom's model, written into every dataset (cases.json) and model card.
 PHANTOM_VERSION = 2
@@ -328,7 +328,7 @@ def render_ct(anatomy: Anatomy, params: dict, cfg: dict, M, b, transform: sitk.T
     hu = _ct_hu(mat, dens)
     del mat, dens
     hu += _beam_hardening(hu, fine_spacing[0], scanner["streak_hu"])
-    sigma = scanner["psf_fwhm_mm"] / (2 * math.sqrt(2 * math.log(2))) / fine_spacing[0]
+    sigma = scanner["psf_fwhm_mm"] / FWHM_PER_SIGMA / fine_spacing[0]
     hu = ndimage.gaussian_filter(hu, sigma=sigma, output=np.float32)
     nz, ny, nx = nat_size[::-1]
     hu = hu.reshape(nz, k, ny, k, nx, k).mean(axis=(1, 3, 5))

@@ -287,7 +287,8 @@ def test_calibrated_model_gives_the_same_map_for_a_recalibrated_ct(tmp_path):
 
 # -- the harmonising blur (ct_harmonize_fwhm_mm) -----------------------------------------------------
 def test_harmonizing_blur_is_an_isotropic_gaussian_of_the_given_fwhm_in_mm():
-    from MicroCTSynthLib.data import FWHM_PER_SIGMA, harmonize_ct
+    from MicroCTSynthLib.data import harmonize_ct
+    from MicroCTSynthLib.volume import FWHM_PER_SIGMA
 
     impulse = np.zeros((41, 61, 61), np.float32)
     impulse[20, 30, 30] = 1.0

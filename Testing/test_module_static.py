@@ -195,7 +195,8 @@ def test_cmake_lists_name_existing_files():
     # The engine's package data is installed with its scripts: presets now, shipped models later.
     assert "MicroCTSynthLib/Resources/presets/*.json" in module and "MicroCTSynthLib/Resources/models/*" in module
     assert sorted(p.name for p in (ENGINE / "Resources" / "presets").glob("*.json")) == [
-        "paper.json", "pretrained-calibrated.json", "pretrained-context48.json", "pretrained-long.json",
+        "paper.json", "pretrained-calibrated.json", "pretrained-context48.json", "pretrained-harmonized.json",
+        "pretrained-harmonized10.json", "pretrained-long.json",
         "pretrained-robust.json", "pretrained-robust40.json", "pretrained.json", "quick.json", "tiny.json"]
 
 
