@@ -15,7 +15,8 @@ scans of every one of them. :func:`randomize_ct` does that to each training patc
 
 then, where the preset harmonises every CT by a fixed blur (``ct_harmonize_fwhm_mm``, applied
 to the whole training CTs before their patches are cut), the noise is blurred by it too, as the
-harmonising blur blurs a scanner's own noise at synthesis; then clipped into the network's CT window as :class:`~MicroCTSynthLib.data.Normalization` does.
+harmonising blur blurs a scanner's own noise at synthesis; then clipped into the network's CT
+window as :class:`~MicroCTSynthLib.data.Normalization` does.
 Each step is drawn from torch's generator (seeded and checkpointed with the run), per patch,
 with probability ``augment_probability``; the ranges are the preset's ``augment_*`` windows.
 """
