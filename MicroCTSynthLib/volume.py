@@ -26,10 +26,10 @@ import SimpleITK as sitk
 
 from .errors import MicroCTSynthError
 
-#: File endings SimpleITK reads and writes for us; a folder is read as a DICOM series.
 #: A Gaussian's full width at half maximum over its standard deviation: blurs are given in mm FWHM.
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
+#: File endings SimpleITK reads and writes for us; a folder is read as a DICOM series.
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 
 
