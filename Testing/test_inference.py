@@ -34,7 +34,7 @@ from MicroCTSynthLib.volume import Volume
 torch.set_num_threads(2)
 
 HAS_OPENVINO = inference.openvino_available()
-COMBINATIONS = [("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16")]
+COMBINATIONS = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16")]
 
 
 def LinearNormalization():
@@ -118,6 +118,22 @@ def test_backend_choice(monkeypatch):
         resolve_backend("tensorrt", net, cpu)
 
 
+def test_lean_forward_for_pytorch_fp32_on_the_cpu(monkeypatch):
+    """PyTorch fp32 on a CPU runs every generator inside the predictor the lean way, during the call only."""
+    net = Generator(1, ngf=4, n_blocks=1).eval()
+    calls = []
+    plain_lean = Generator._forward_lean
+    monkeypatch.setattr(Generator, "_forward_lean", lambda self, x: calls.append(self) or plain_lean(self, x))
+    wrapper = nn.Sequential(net)  # as synthesis wraps it (stochastic passes, outputs packed)
+    runner = WindowPredictor(wrapper, (16,) * 3, "cpu", "fp32", "torch")
+    assert runner.lean and "lean" in runner.description
+    runner.predict(torch.rand(2, 1, 16, 16, 16))
+    assert calls == [net] and net.lean is False  # turned on for the call, off again after
+    assert not WindowPredictor(wrapper, (16,) * 3, "cpu", "bf16", "torch").lean  # bf16 runs the plain network
+    monkeypatch.setattr(inference, "LEAN_CPU_FP32", False)
+    assert not WindowPredictor(wrapper, (16,) * 3, "cpu", "fp32", "torch").lean
+
+
 def test_cuda_settings_without_a_gpu(monkeypatch):
     """The GPU path's choices (cuDNN autotuning, channels-last) are made before any CUDA call."""
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
@@ -126,7 +142,7 @@ def test_cuda_settings_without_a_gpu(monkeypatch):
     configure_cuda(torch.device("cuda"))
     assert torch.backends.cudnn.benchmark is True
     runner = WindowPredictor(Generator(1, ngf=4, n_blocks=1).eval(), (16,) * 3, "cpu", "fp32", "torch")
-    assert not runner.channels_last and runner.description == "torch fp32 on cpu"
+    assert not runner.channels_last and runner.description == "torch fp32 on cpu, lean heads"
 
 
 # -- every backend and precision against fp32 PyTorch on a trained tiny model ---------------------
@@ -175,14 +191,17 @@ def trained_tiny():
 
 @pytest.mark.parametrize("multitask", [False, True], ids=["single", "multi"])
 @pytest.mark.parametrize("backend,precision", COMBINATIONS, ids=[f"{b}-{p}" for b, p in COMBINATIONS])
-def test_shortcuts_agree_with_fp32_pytorch(trained_tiny, backend, precision, multitask):
+def test_shortcuts_agree_with_fp32_pytorch(monkeypatch, trained_tiny, backend, precision, multitask):
     """Tissue maps within Dice 0.99 per class and the image within 1 % of the micro-CT range on average
-    (3 % at the 99th percentile) of PyTorch fp32, for every backend and precision."""
+    (3 % at the 99th percentile) of the plain network in PyTorch fp32, for every backend and precision
+    (PyTorch fp32 itself runs the generators' lean forward)."""
     if backend == "openvino" and not HAS_OPENVINO:
         pytest.skip("openvino is not installed (pip install openvino)")
     ct, norm, nets = trained_tiny
     net = nets[multitask]
-    reference = synthesize_on_grid(ct, ct, net, norm, 16, multitask=multitask, precision="fp32", backend="torch")
+    with monkeypatch.context() as plain:
+        plain.setattr(inference, "LEAN_CPU_FP32", False)
+        reference = synthesize_on_grid(ct, ct, net, norm, 16, multitask=multitask, precision="fp32", backend="torch")
     # the reference is a real tissue map, not one class everywhere
     assert min((reference.tissue.array == k).mean() for k in (AIR, SOFT_TISSUE, BONE)) > 0.1
     fast = synthesize_on_grid(ct, ct, net, norm, 16, multitask=multitask, precision=precision, backend=backend)
@@ -191,11 +210,15 @@ def test_shortcuts_agree_with_fp32_pytorch(trained_tiny, backend, precision, mul
     difference = np.abs(fast.microct.array - reference.microct.array)  # micro-CT range is [0, 1]
     assert difference.mean() <= 0.01 and np.percentile(difference, 99) <= 0.03, (difference.mean(), difference.max())
     assert fast.tissue.array.dtype == np.uint8
+    if (backend, precision) == ("torch", "fp32"):  # the lean forward: the same function to float rounding
+        assert difference.max() <= 1e-4, difference.max()
 
 
-def test_defaults_agree_with_fp32_pytorch(trained_tiny):
+def test_defaults_agree_with_fp32_pytorch(monkeypatch, trained_tiny):
     ct, norm, nets = trained_tiny
-    reference = synthesize_on_grid(ct, ct, nets[False], norm, 16, precision="fp32", backend="torch")
+    with monkeypatch.context() as plain:
+        plain.setattr(inference, "LEAN_CPU_FP32", False)
+        reference = synthesize_on_grid(ct, ct, nets[False], norm, 16, precision="fp32", backend="torch")
     default = synthesize_on_grid(ct, ct, nets[False], norm, 16)
     assert min(dice_per_class(reference.tissue.array, default.tissue.array).values()) >= 0.99
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from MicroCTSynthLib import networks
 from MicroCTSynthLib.errors import MicroCTSynthError
 from MicroCTSynthLib.networks import Discriminator, Generator, ResnetBlock3d, count_parameters, init_weights
 
@@ -146,6 +147,50 @@ def test_dropout_is_the_noise_in_training_and_off_in_eval():
         net.eval()
         assert torch.equal(net(x), net(x))
     assert not any(isinstance(m, nn.Dropout) for m in Generator(1, 4, 2, dropout=0.0).modules())
+
+
+def _lean_and_plain(net: Generator, x: torch.Tensor):
+    with torch.inference_mode():
+        net.lean = False
+        plain = net(x)
+        net.lean = True
+        try:
+            lean = net(x)
+        finally:
+            net.lean = False
+    return plain, lean
+
+
+@pytest.mark.parametrize("multitask,input_skip,shape,head_floats", [
+    (False, True, (1, 1, 16, 16, 16), networks.LEAN_HEAD_FLOATS),  # one slab
+    (True, True, (2, 1, 24, 16, 8), 1),                             # a plane per slab: reflection at both ends
+    (True, False, (1, 2, 12, 20, 16), 3000),                        # a few planes per slab, two input channels
+])
+def test_lean_forward_is_the_plain_forward(monkeypatch, multitask, input_skip, shape, head_floats):
+    """The lean inference forward (depthwise heads slab by slab) computes what the plain network does."""
+    monkeypatch.setattr(networks, "LEAN_HEAD_FLOATS", head_floats)
+    torch.manual_seed(0)
+    net = Generator(shape[1], ngf=4, n_blocks=1, multitask=multitask, input_skip=input_skip).eval()
+    for p in net.parameters():  # weights as large as a trained network's, so the heads matter
+        nn.init.normal_(p, 0.0, 0.2)
+    x = torch.rand(shape) * 2 - 1
+    plain, lean = _lean_and_plain(net, x)
+    for a, b in zip(plain if multitask else [plain], lean if multitask else [lean]):
+        assert a.shape == b.shape
+        assert a.abs().max() > 0.1  # not a constant
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_lean_forward_only_without_gradients_and_keeps_dropout():
+    net = Generator(1, ngf=4, n_blocks=1, dropout=0.5)
+    net.lean = True
+    x = torch.rand(1, 1, 16, 16, 16)
+    net(x).sum().backward()  # gradients recorded: the plain path, which trains
+    assert net.image_head[1].weight.grad is not None
+    with torch.inference_mode():
+        assert not torch.equal(net(x), net(x))  # dropout on (training mode): stochastic passes stay stochastic
+        net.eval()
+        assert torch.equal(net(x), net(x))
 
 
 def test_resnet_block_is_residual():
