@@ -19,8 +19,9 @@
    of a session), with ``MALLOC_MMAP_THRESHOLD_`` set so that memory the first call frees goes
    back to the system and cannot hide part of the second's peak; on CUDA, peak allocated.
 2. **Agreement.** The preset's generator briefly trained (L1, Adam) on phantom S3_1 synthesizes
-   a region of the phantom's CT with PyTorch fp32 (the reference) and with every other backend
-   and precision here: Dice of each tissue class against the reference and the image's mean and
+   a region of the phantom's CT with the plain network in PyTorch fp32 (the reference), with the
+   generators' lean forward (PyTorch fp32's default on a CPU) and with every other backend and
+   precision here: Dice of each tissue class against the reference and the image's mean and
    largest absolute difference, in % of the micro-CT range.
 3. **Regions of interest.** End-to-end time (fresh process, everything included: network on the
    CPU, OpenVINO conversion, resampling, tissue map) of a 6 mm region at 37.6 µm (160³ voxels,
@@ -51,6 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from MicroCTSynthLib import inference  # noqa: E402
 from MicroCTSynthLib.inference import (  # noqa: E402
     WindowPredictor,
     openvino_available,
@@ -304,14 +306,19 @@ def phantom_pair():
 
 
 def combinations(device: torch.device) -> list:
-    combos = [("torch", "fp32"), ("torch", "bf16")]
+    """(backend, precision, lean) to compare, the reference first: the plain network in PyTorch fp32."""
+    combos = [("torch", "fp32", False)]
+    if device.type == "cpu":
+        combos += [("torch", "fp32", True)]  # the generators' lean forward, the CPU's fp32 default
+    combos += [("torch", "bf16", False)]
     if device.type == "cpu" and openvino_available():
-        combos += [("openvino", "fp32"), ("openvino", "bf16")]
+        combos += [("openvino", "fp32", False), ("openvino", "bf16", False)]
     return combos
 
 
 def bench_agreement(name: str, steps: int, device: torch.device) -> dict:
-    """Tissue maps and images of every backend and precision against PyTorch fp32, briefly trained generator."""
+    """Tissue maps and images of every backend and precision against the plain network in PyTorch fp32,
+    briefly trained generator."""
     from MicroCTSynthLib.metrics import dice_per_class
 
     preset = load_preset(name)
@@ -325,17 +332,24 @@ def bench_agreement(name: str, steps: int, device: torch.device) -> dict:
     # quick: the phantom's micro-CT grid (75.2 µm); paper: 128³ at its 37.6 µm (8 windows of 96³)
     grid = ct_grid if patch <= 32 else output_grid(specimen.ct, 0.0376, roi=(ct_grid.center, 128 * 0.0376))
     fov = field_of_view(specimen.ct, grid)
-    results, reference = {}, None
-    for backend, precision in combinations(device):
+    results, reference, default_lean = {}, None, inference.LEAN_CPU_FP32
+    for backend, precision, lean in combinations(device):
+        inference.LEAN_CPU_FP32 = lean
         t0 = time.perf_counter()
-        out = synthesize_on_grid(specimen.ct, grid, net, norm, patch, overlap=0.5, device=device, precision=precision,
-                                 backend=backend)
+        try:
+            out = synthesize_on_grid(specimen.ct, grid, net, norm, patch, overlap=0.5, device=device,
+                                     precision=precision, backend=backend)
+        finally:
+            inference.LEAN_CPU_FP32 = default_lean
         seconds = time.perf_counter() - t0
         if reference is None:
             reference = out
         span = float(np.subtract(*norm.microct_range[::-1]))
         diff = np.abs(out.microct.array[fov] - reference.microct.array[fov]) / span * 100
-        results[f"{backend} {precision}"] = {
+        label = f"{backend} {precision}"
+        if (backend, precision) == ("torch", "fp32"):
+            label += " lean" if lean else " plain"
+        results[label] = {
             "seconds": seconds, "dice": dice_per_class(reference.tissue.array, out.tissue.array),
             "image_mean_abs_percent": float(diff.mean()), "image_max_abs_percent": float(diff.max()),
             "image_p99_abs_percent": float(np.percentile(diff, 99))}
@@ -508,7 +522,7 @@ def main(argv=None) -> int:
               f"|ours - MONAI fp32| mean {row['mean_abs_difference']:.2g} (MONAI bf16 {row['monai_bf16_mean_abs_difference']:.2g}), "
               f"max {row['max_abs_difference']:.2g} (net units, [-1, 1])", flush=True)
     if not args.no_agreement:
-        print("\nAgreement with PyTorch fp32, generator trained briefly on phantom S3_1 (Dice air / soft tissue / bone; "
+        print("\nAgreement with the plain network in PyTorch fp32, generator trained briefly on phantom S3_1 (Dice air / soft tissue / bone; "
               "image |difference| in % of the micro-CT range, mean / 99th percentile / max):")
         report["agreement"] = []
         for name in names:
