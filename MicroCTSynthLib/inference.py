@@ -57,6 +57,11 @@ CUDA_CHANNELS_LAST = False
 #: one's 20 instead of 44, the thesis' 96³ one 14 s instead of 19. False runs the plain network.
 LEAN_CPU_FP32 = True
 
+#: OpenVINO converts the generators' lean forward (depthwise heads), which its CPU plugin also runs
+#: faster than the heads' plain convolutions: the quick generator's 24³ window in 7 ms instead of 20
+#: (one thread, fp32).
+LEAN_OPENVINO = True
+
 
 # -- device, precision, batch ------------------------------------------------------------------
 def resolve_device(device="auto", local_rank: int | None = None) -> torch.device:
@@ -280,7 +285,7 @@ def compiled_openvino_model(module: nn.Module, channels: int, roi, dtype: torch.
     """
     import openvino as ov
 
-    key = (channels, tuple(roi), precision_name(dtype), torch.get_num_threads(), _weights_key(module))
+    key = (channels, tuple(roi), precision_name(dtype), torch.get_num_threads(), LEAN_OPENVINO, _weights_key(module))
     cache = _OPENVINO_CACHE.setdefault(module, {})
     if key in cache:
         return cache[key]
@@ -290,7 +295,7 @@ def compiled_openvino_model(module: nn.Module, channels: int, roi, dtype: torch.
     try:
         # Tracing runs the network once: a small window (multiple of 4, as the generator needs) is enough.
         example = torch.zeros(1, channels, *[min(int(r), 16) for r in roi])
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), lean_generators(module, LEAN_OPENVINO):
             warnings.simplefilter("ignore")  # the tracer's notes on shape checks, meant for developers
             model = ov.convert_model(module, example_input=example)
         model.reshape([ov.Dimension(-1), channels, *[int(r) for r in roi]])

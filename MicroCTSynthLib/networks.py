@@ -199,16 +199,22 @@ def _lean_heads(heads, parts) -> list:
     weights = [[conv.weight[o].unsqueeze(1) for o in range(conv.out_channels)] for conv in convs]
     outputs = [first.new_empty(n, conv.out_channels, d, h, w) for conv in convs]
     planes = max(1, LEAN_HEAD_FLOATS // max(1, n * channels * (h + 2 * pad) * (w + 2 * pad)) - 2 * pad)
+
+    def convolve(slab: torch.Tensor, where: slice) -> None:
+        for out, conv, per_output in zip(outputs, convs, weights):
+            for o, weight in enumerate(per_output):
+                torch.sum(torch.nn.functional.conv3d(slab, weight, groups=channels), 1, out=out[:, o, where])
+            if conv.bias is not None:
+                out[:, :, where] += conv.bias.view(1, -1, 1, 1, 1)
+
+    if planes >= d or torch.jit.is_tracing():  # one slab: as ReflectionPad3d (a traced graph keeps no plane indices)
+        convolve(torch.nn.functional.pad(torch.cat(parts, 1), (pad,) * 6, mode="reflect"), slice(None))
+        return outputs
     for z0 in range(0, d, planes):
         z1 = min(d, z0 + planes)
         index = _reflected(d, z0, z1, pad)
-        slab = torch.cat([part.index_select(2, index) for part in parts], 1) if len(parts) > 1 else first.index_select(2, index)
-        slab = torch.nn.functional.pad(slab, (pad, pad, pad, pad, 0, 0), mode="reflect")
-        for out, conv, per_output in zip(outputs, convs, weights):
-            for o, weight in enumerate(per_output):
-                torch.sum(torch.nn.functional.conv3d(slab, weight, groups=channels), 1, out=out[:, o, z0:z1])
-            if conv.bias is not None:
-                out[:, :, z0:z1] += conv.bias.view(1, -1, 1, 1, 1)
+        slab = torch.cat([part.index_select(2, index) for part in parts], 1)
+        convolve(torch.nn.functional.pad(slab, (pad, pad, pad, pad, 0, 0), mode="reflect"), slice(z0, z1))
     return outputs
 
 

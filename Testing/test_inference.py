@@ -240,6 +240,27 @@ def test_openvino_model_is_compiled_once_per_weights(trained_tiny):
         np.testing.assert_allclose(ours, net(x).numpy(), atol=1e-4)
 
 
+def test_openvino_runs_the_lean_heads_on_windows_larger_than_the_trace(monkeypatch):
+    """The lean forward traced on a 16³ window and reshaped to another window gives the plain network's outputs."""
+    if not HAS_OPENVINO:
+        pytest.skip("openvino is not installed")
+    traced = []
+    lean_forward = Generator._forward_lean
+    monkeypatch.setattr(Generator, "_forward_lean", lambda self, x: traced.append(x.shape) or lean_forward(self, x))
+    torch.manual_seed(0)
+    net = Generator(1, ngf=4, n_blocks=1, multitask=True, input_skip=True).eval()
+    for p in net.parameters():
+        nn.init.normal_(p, 0.0, 0.2)
+    roi = (24, 32, 20)
+    x = torch.rand(2, 1, *roi) * 2 - 1
+    image, logits = WindowPredictor(net, roi, "cpu", "fp32", "openvino").predict(x)
+    assert traced and traced[0][2:] == (16, 16, 16)  # what OpenVINO converted was the lean forward
+    with torch.no_grad():
+        plain_image, plain_logits = net(x)
+    np.testing.assert_allclose(image, plain_image.numpy(), atol=1e-4)
+    np.testing.assert_allclose(logits, plain_logits.numpy(), atol=1e-4)
+
+
 # -- windows outside the specimen ------------------------------------------------------------------
 class Recording(nn.Module):
     """0.5 x + 0.2, remembering every window it is given."""
