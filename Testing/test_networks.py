@@ -161,14 +161,16 @@ def _lean_and_plain(net: Generator, x: torch.Tensor):
     return plain, lean
 
 
-@pytest.mark.parametrize("multitask,input_skip,shape,head_floats", [
-    (False, True, (1, 1, 16, 16, 16), networks.LEAN_HEAD_FLOATS),  # one slab
-    (True, True, (2, 1, 24, 16, 8), 1),                             # a plane per slab: reflection at both ends
-    (True, False, (1, 2, 12, 20, 16), 3000),                        # a few planes per slab, two input channels
+@pytest.mark.parametrize("multitask,input_skip,shape,head_floats,head_channels", [
+    (False, True, (1, 1, 16, 16, 16), networks.LEAN_HEAD_FLOATS, 16),  # one slab, all channels at once
+    (True, True, (2, 1, 24, 16, 8), 1, 2),                             # a plane per slab: reflection at both ends
+    (True, False, (1, 2, 12, 20, 16), 3000, 3),                        # a few planes per slab, two input channels
 ])
-def test_lean_forward_is_the_plain_forward(monkeypatch, multitask, input_skip, shape, head_floats):
-    """The lean inference forward (depthwise heads slab by slab) computes what the plain network does."""
+def test_lean_forward_is_the_plain_forward(monkeypatch, multitask, input_skip, shape, head_floats, head_channels):
+    """The lean inference forward (depthwise heads slab by slab, a few channels at a time) computes what
+    the plain network does."""
     monkeypatch.setattr(networks, "LEAN_HEAD_FLOATS", head_floats)
+    monkeypatch.setattr(networks, "LEAN_HEAD_CHANNELS", head_channels)
     torch.manual_seed(0)
     net = Generator(shape[1], ngf=4, n_blocks=1, multitask=multitask, input_skip=input_skip).eval()
     for p in net.parameters():  # weights as large as a trained network's, so the heads matter
