@@ -108,3 +108,31 @@ def test_segmenter_benchmark_trains_the_tissue_head_and_scores_train_and_test(ex
     assert "S3_2 (test)" in text and "S3_1 (train)" in text and "median (test)" in text
     with pytest.raises(SystemExit):
         bench.main(["--data", str(data), "--loss", "focal"])
+
+
+def test_mixed_scanners_dataset_trains_on_both_renderings(tmp_path):
+    """The unseen-scanner control's dataset: each training specimen twice, validation and test as they were."""
+    bench = _benchmark("mixed_scanners")
+
+    def dataset(root, names):
+        cases = {}
+        for name in names:
+            (root / name).mkdir(parents=True)
+            (root / name / "ct.nrrd").write_text(f"{root.name} {name}")
+            cases[name] = {"ct": f"{name}/ct.nrrd"}
+        groups = {"T": {"train": ["S3_1", "S3_11"], "val": ["S3_8"], "test": ["S3_2"]}}
+        (root / "cases.json").write_text(json.dumps({"cases": cases, "groups": groups}))
+
+    dataset(tmp_path / "clinical", ["S3_1", "S3_11", "S3_8", "S3_2"])
+    dataset(tmp_path / "unseen", ["S3_1", "S3_11", "S3_8"])
+    out = tmp_path / "mixed"
+    assert bench.main(["--clinical", str(tmp_path / "clinical"), "--unseen", str(tmp_path / "unseen"),
+                       "--out", str(out), "--group", "T"]) == 0
+    data = json.loads((out / "cases.json").read_text())
+    assert data["groups"]["T"] == {"train": ["S3_1", "S3_11", "S3_1u", "S3_11u"], "val": ["S3_8"], "test": ["S3_2"]}
+    assert data["cases"]["S3_11u"] == {"ct": "S3_11u/ct.nrrd"}
+    assert (out / "S3_11u" / "ct.nrrd").read_text() == "unseen S3_11"
+    assert (out / "S3_11" / "ct.nrrd").read_text() == "clinical S3_11"
+    with pytest.raises(SystemExit):
+        bench.main(["--clinical", str(tmp_path / "clinical"), "--unseen", str(tmp_path / "unseen"),
+                    "--out", str(out), "--group", "Z"])

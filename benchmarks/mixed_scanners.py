@@ -33,9 +33,12 @@ SUFFIX = "u"
 
 def mixed_dataset(clinical: Path, unseen: Path, out: Path, group: str = "A") -> dict:
     """Copy both datasets' specimens into ``out`` and write its cases.json; returns it."""
-    cases_clinical = json.loads((clinical / "cases.json").read_text())["cases"]
+    clinical_data = json.loads((clinical / "cases.json").read_text())
+    cases_clinical = clinical_data["cases"]
     cases_unseen = json.loads((unseen / "cases.json").read_text())["cases"]
-    split = THESIS_GROUPS[group]
+    split = clinical_data.get("groups", THESIS_GROUPS).get(group)
+    if split is None:
+        raise SystemExit(f"{clinical} has no group {group}.")
     doubled = [name for name in split["train"] if name in cases_unseen]
     if not doubled:
         raise SystemExit(f"{unseen} holds none of group {group}'s training specimens {split['train']}.")
