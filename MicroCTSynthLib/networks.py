@@ -148,7 +148,8 @@ class Generator(nn.Module):
     lean = False
 
     def _forward_lean(self, x: torch.Tensor):
-        """The same function as the plain forward, computed with less time and memory on the CPU.
+        """The same function as the plain forward, computed faster on the CPU (and, for a batch of
+        windows, in less memory).
 
         * The heads' 7³ convolutions to one (image) or three (tissue) channels are what oneDNN runs
           worst: with so few output channels it reaches a sixth of its speed on the 7³ stem (the
@@ -157,7 +158,8 @@ class Generator(nn.Module):
           runs about 8x faster there.
         * The heads never build the concatenation of features and CT nor its padded copy at once:
           they work slab by slab (:data:`LEAN_HEAD_FLOATS`), reflecting each slab's planes as
-          ``ReflectionPad3d`` would, and both heads of the multitask generator share each slab.
+          ``ReflectionPad3d`` would, a few channels at a time (:data:`LEAN_HEAD_CHANNELS`), and
+          both heads of the multitask generator share each slab.
 
         Dropout modules are called as they are, so stochastic passes (dropout on) stay stochastic.
         The result equals the plain forward's to float rounding (Testing/test_networks.py).
@@ -205,7 +207,6 @@ def _lean_heads(heads, parts) -> list:
     weights = [[conv.weight[o].unsqueeze(1) for o in range(conv.out_channels)] for conv in convs]
     outputs = [first.new_empty(n, conv.out_channels, d, h, w) for conv in convs]
     planes = max(1, LEAN_HEAD_FLOATS // max(1, n * channels * (h + 2 * pad) * (w + 2 * pad)) - 2 * pad)
-
     groups = [(c, min(c + LEAN_HEAD_CHANNELS, channels)) for c in range(0, channels, LEAN_HEAD_CHANNELS)]
 
     def convolve(slab: torch.Tensor, where: slice) -> None:
