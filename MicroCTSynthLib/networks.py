@@ -177,9 +177,9 @@ class Generator(nn.Module):
 LEAN_HEAD_FLOATS = 2 ** 18
 
 #: Input channels per depthwise convolution of a lean head, whose output holds that many channels of
-#: the slab: the thesis' 65 go 16 at a time, the quick generator's 9 at once. OpenVINO, which plans
-#: a buffer for each, added 1,083 MB on the paper generator's first 128³ call so, 1,207 MB with all
-#: 65 at once (763 MB with the plain heads).
+#: the slab: the thesis' 65 go 16 at a time, the quick generator's 9 at once. OpenVINO plans a buffer
+#: for each: the paper generator's first 128³ call added 1,083 MB with 16 channels at a time, 1,207 MB
+#: with all 65 at once (763 MB with the plain heads).
 LEAN_HEAD_CHANNELS = 16
 
 
