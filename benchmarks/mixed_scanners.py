@@ -19,42 +19,35 @@ of its training specimens and keeps the clinical S3_8 for validation and S3_2, S
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from MicroCTSynthLib.dataset import THESIS_GROUPS  # noqa: E402
+from MicroCTSynthLib.dataset import Dataset  # noqa: E402
+from MicroCTSynthLib.errors import MicroCTSynthError  # noqa: E402
 
 SUFFIX = "u"
 
 
-def mixed_dataset(clinical: Path, unseen: Path, out: Path, group: str = "A") -> dict:
-    """Copy both datasets' specimens into ``out`` and write its cases.json; returns it."""
-    clinical_data = json.loads((clinical / "cases.json").read_text())
-    cases_clinical = clinical_data["cases"]
-    cases_unseen = json.loads((unseen / "cases.json").read_text())["cases"]
-    split = clinical_data.get("groups", THESIS_GROUPS).get(group)
-    if split is None:
-        raise SystemExit(f"{clinical} has no group {group}.")
-    doubled = [name for name in split["train"] if name in cases_unseen]
+def mixed_dataset(clinical: Path, unseen: Path, out: Path, group: str = "A") -> Dataset:
+    """Copy both datasets' specimens into ``out`` and write its cases.json; returns the new dataset."""
+    source, other = Dataset.load(clinical), Dataset.load(unseen, complete=False)
+    split = source.group(group)
+    doubled = [name for name in split["train"] if name in other.cases]
     if not doubled:
-        raise SystemExit(f"{unseen} holds none of group {group}'s training specimens {split['train']}.")
-    out.mkdir(parents=True, exist_ok=True)
-    cases = {}
+        raise MicroCTSynthError(f"{unseen} holds none of group {group}'s training specimens {split['train']}.")
+    mixed = Dataset.create(out, groups={group: {**split, "train": split["train"] + [n + SUFFIX for n in doubled]}})
     for name in split["train"] + split["val"] + split["test"]:
         shutil.copytree(clinical / name, out / name, dirs_exist_ok=True)
-        cases[name] = cases_clinical[name]
+        mixed.data["cases"][name] = source.data["cases"][name]
     for name in doubled:
         shutil.copytree(unseen / name, out / (name + SUFFIX), dirs_exist_ok=True)
-        cases[name + SUFFIX] = {key: path.replace(f"{name}/", f"{name}{SUFFIX}/", 1)
-                                for key, path in cases_unseen[name].items()}
-    data = {"cases": cases, "groups": {group: {"train": split["train"] + [n + SUFFIX for n in doubled],
-                                               "val": split["val"], "test": split["test"]}}}
-    (out / "cases.json").write_text(json.dumps(data, indent=1))
-    return data
+        mixed.data["cases"][name + SUFFIX] = {key: path.replace(f"{name}/", f"{name}{SUFFIX}/", 1)
+                                              for key, path in other.data["cases"][name].items()}
+    mixed.save()
+    return mixed
 
 
 def main(argv=None) -> int:
@@ -64,8 +57,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--group", default="A")
     args = parser.parse_args(argv)
-    data = mixed_dataset(args.clinical, args.unseen, args.out, args.group)
-    print(f"{args.out}: group {args.group} trains on {', '.join(data['groups'][args.group]['train'])}")
+    try:
+        mixed = mixed_dataset(args.clinical, args.unseen, args.out, args.group)
+    except MicroCTSynthError as exc:
+        raise SystemExit(str(exc)) from None
+    print(f"{args.out}: group {args.group} trains on {', '.join(mixed.groups[args.group]['train'])}")
     return 0
 
 
