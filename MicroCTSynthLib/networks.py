@@ -156,10 +156,10 @@ class Generator(nn.Module):
           quick generator's image head took 15 of a window's 25 ms on one core of a Xeon). Each
           output channel is the sum over input channels of a depthwise convolution, which oneDNN
           runs about 8x faster there.
-        * The heads never build the concatenation of features and CT nor its padded copy at once:
-          they work slab by slab (:data:`LEAN_HEAD_FLOATS`), reflecting each slab's planes as
-          ``ReflectionPad3d`` would, a few channels at a time (:data:`LEAN_HEAD_CHANNELS`), and
-          both heads of the multitask generator share each slab.
+        * A window larger than one slab (:data:`LEAN_HEAD_FLOATS`) never has the concatenation of
+          features and CT nor its padded copy built whole: the heads work slab by slab, reflecting
+          each slab's planes as ``ReflectionPad3d`` would. Each slab goes a few channels at a time
+          (:data:`LEAN_HEAD_CHANNELS`), and both heads of the multitask generator share it.
 
         Dropout modules are called as they are, so stochastic passes (dropout on) stay stochastic.
         The result equals the plain forward's to float rounding (Testing/test_networks.py).
@@ -192,10 +192,12 @@ def _reflected(size: int, lo: int, hi: int, pad: int) -> torch.Tensor:
 
 def _lean_heads(heads, parts) -> list:
     """Each head ``Sequential(ReflectionPad3d(p), Conv3d(C, C_out, k), ...)`` applied to the channel-wise
-    concatenation of ``parts`` (C channels in all), without building it or its padded copy.
+    concatenation of ``parts`` (C channels in all).
 
-    Slab by slab along D, the parts' planes are reflected, concatenated and padded in H and W, and
-    each output channel adds the channel sum of a depthwise convolution (groups = C) of the slab.
+    A window that fits one slab (and a traced one) is concatenated and padded whole; a larger one
+    slab by slab along D, the parts' planes reflected, concatenated and padded in H and W. Each
+    output channel is the channel sum of depthwise convolutions of the slab, a group of channels
+    at a time.
     Only the pad and the convolution of a head are applied; what follows them is the caller's.
     """
     first = parts[0]
