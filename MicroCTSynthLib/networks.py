@@ -176,10 +176,9 @@ class Generator(nn.Module):
 #: quick generator's 24³ windows go whole, the thesis' 96³ ones a plane at a time.
 LEAN_HEAD_FLOATS = 2 ** 18
 
-#: Input channels per depthwise convolution of a lean head, whose output holds that many channels of
-#: the slab: the thesis' 65 go 16 at a time, the quick generator's 9 at once. OpenVINO plans a buffer
-#: for each: the paper generator's first 128³ call added 1,083 MB with 16 channels at a time, 1,207 MB
-#: with all 65 at once (763 MB with the plain heads).
+#: Input channels per depthwise convolution of a lean head in PyTorch, whose output holds that many
+#: channels of the slab: the thesis' 65 go 16 at a time, the quick generator's 9 at once. A traced
+#: forward (OpenVINO) takes them all at once (:func:`_traced_lean_heads`).
 LEAN_HEAD_CHANNELS = 16
 
 
@@ -194,10 +193,10 @@ def _lean_heads(heads, parts) -> list:
     """Each head ``Sequential(ReflectionPad3d(p), Conv3d(C, C_out, k), ...)`` applied to the channel-wise
     concatenation of ``parts`` (C channels in all).
 
-    A window that fits one slab (and a traced one) is concatenated and padded whole; a larger one
-    slab by slab along D, the parts' planes reflected, concatenated and padded in H and W. Each
-    output channel is the channel sum of depthwise convolutions of the slab, a group of channels
-    at a time.
+    A window that fits one slab is concatenated and padded whole; a larger one slab by slab along
+    D, the parts' planes reflected, concatenated and padded in H and W. Each output channel is the
+    channel sum of depthwise convolutions of the slab, a group of channels at a time. A traced
+    forward takes :func:`_traced_lean_heads` instead.
     Only the pad and the convolution of a head are applied; what follows them is the caller's.
     """
     first = parts[0]
@@ -224,7 +223,9 @@ def _lean_heads(heads, parts) -> list:
             if conv.bias is not None:
                 out[:, :, where] += conv.bias.view(1, -1, 1, 1, 1)
 
-    if planes >= d or torch.jit.is_tracing():  # one slab: as ReflectionPad3d (a traced graph keeps no plane indices)
+    if torch.jit.is_tracing():
+        return _traced_lean_heads(convs, pad, parts)
+    if planes >= d:  # one slab: as ReflectionPad3d
         convolve(torch.nn.functional.pad(torch.cat(parts, 1), (pad,) * 6, mode="reflect"), slice(None))
         return outputs
     for z0 in range(0, d, planes):
@@ -232,6 +233,26 @@ def _lean_heads(heads, parts) -> list:
         index = _reflected(d, z0, z1, pad)
         slab = torch.cat([part.index_select(2, index) for part in parts], 1)
         convolve(torch.nn.functional.pad(slab, (pad, pad, pad, pad, 0, 0), mode="reflect"), slice(z0, z1))
+    return outputs
+
+
+def _traced_lean_heads(convs, pad: int, parts) -> list:
+    """The lean heads as a converter (OpenVINO) traces them: the whole window padded at once (a traced
+    graph keeps no plane indices, so it reshapes to any window), each output channel one depthwise
+    convolution of all channels and its channel sum, written without in-place updates of slices.
+
+    OpenVINO's PyTorch front end mis-converts an in-place sum into a slice of a preallocated output
+    (the paper generator's image came out up to 2 off in [-1, 1] with 16 channels at a time), and
+    plans a buffer for each group; one group of all channels took its first 128³ call to 807 MB,
+    16 at a time to 1,017 MB, the plain heads 763 MB.
+    """
+    x = torch.nn.functional.pad(torch.cat(parts, 1), (pad,) * 6, mode="reflect")
+    outputs = []
+    for conv in convs:
+        sums = [torch.nn.functional.conv3d(x, conv.weight[o].unsqueeze(1), groups=x.shape[1]).sum(1, keepdim=True)
+                for o in range(conv.out_channels)]
+        out = torch.cat(sums, 1) if len(sums) > 1 else sums[0]
+        outputs.append(out + conv.bias.view(1, -1, 1, 1, 1) if conv.bias is not None else out)
     return outputs
 
 
