@@ -17,7 +17,7 @@ choices here decide what a user waits for. Each is picked automatically and can 
 * PyTorch fp32 on a CPU runs the cGAN generators' heads the lean way (:meth:`Generator._forward_lean`:
   their 7³ convolutions to one or three channels as sums of depthwise ones, large windows slab by
   slab), 1.4-2x as fast per window (:data:`LEAN_CPU_FP32`), and OpenVINO converts them so
-  (:data:`LEAN_OPENVINO`, 2.2-2.9x); bf16 PyTorch and CUDA run the plain network.
+  (:data:`LEAN_OPENVINO`, 2.0-2.9x); bf16 PyTorch and CUDA run the plain network.
 * CUDA: ``torch.backends.cudnn.benchmark`` (every window has the same shape, so the autotuned
   convolution is reused), pinned host memory and non-blocking copies; channels-last 3D only where
   :data:`CUDA_CHANNELS_LAST` says it pays.
@@ -54,14 +54,14 @@ CUDA_CHANNELS_LAST = False
 
 #: PyTorch fp32 on a CPU runs the generators' lean forward (``Generator._forward_lean``): on a 2-core
 #: Xeon without native bf16 (2 threads) the quick generator's 24³ window took 8.7 ms instead of 14.9,
-#: the multitask one's 11.8 instead of 23.5, the thesis' 96³ one 6.9 s instead of 9.9. False runs the
+#: the multitask one's 11.8 instead of 23.5, the thesis' 96³ one 7.9 s instead of 9.0. False runs the
 #: plain network.
 LEAN_CPU_FP32 = True
 
 #: OpenVINO converts the generators' lean forward (depthwise heads), which its CPU plugin also runs
 #: faster than the heads' plain convolutions (fp32, 2 threads, a Xeon without native bf16): the quick
-#: generator's 24³ window in 4.0 ms instead of 11.7, the thesis' 96³ one in 3.2 s instead of 7.0. It
-#: plans more memory for them: the thesis' first 128³ call added 1,083 MB instead of 763. False
+#: generator's 24³ window in 4.0 ms instead of 11.7, the thesis' 96³ one in 3.4 s instead of 6.7, in
+#: the same memory (the thesis' first 128³ call added 768 MB, 766 with the plain heads). False
 #: converts the plain network.
 LEAN_OPENVINO = True
 
