@@ -203,6 +203,8 @@ def _lean_heads(heads, parts) -> list:
     n, (d, h, w) = first.shape[0], first.shape[2:]
     pad = int(heads[0][0].padding[0])
     convs = [head[1] for head in heads]
+    if torch.jit.is_tracing():
+        return _traced_lean_heads(convs, pad, parts)
     channels = sum(part.shape[1] for part in parts)
     # Per head and output channel: the depthwise weights (C, 1, k, k, k).
     weights = [[conv.weight[o].unsqueeze(1) for o in range(conv.out_channels)] for conv in convs]
@@ -223,8 +225,6 @@ def _lean_heads(heads, parts) -> list:
             if conv.bias is not None:
                 out[:, :, where] += conv.bias.view(1, -1, 1, 1, 1)
 
-    if torch.jit.is_tracing():
-        return _traced_lean_heads(convs, pad, parts)
     if planes >= d:  # one slab: as ReflectionPad3d
         convolve(torch.nn.functional.pad(torch.cat(parts, 1), (pad,) * 6, mode="reflect"), slice(None))
         return outputs
@@ -243,8 +243,9 @@ def _traced_lean_heads(convs, pad: int, parts) -> list:
 
     OpenVINO's PyTorch front end mis-converts an in-place sum into a slice of a preallocated output
     (the paper generator's image came out up to 2 off in [-1, 1] with 16 channels at a time), and
-    plans a buffer for each group; one group of all channels took its first 128³ call to 807 MB,
-    16 at a time to 1,017 MB, the plain heads 763 MB.
+    plans a buffer for each group of channels: the paper generator's first 128³ call added 768 MB
+    so (2 threads; the plain heads 766 MB), and at one thread 807 MB so against 1,017 MB with 16
+    channels per convolution.
     """
     x = torch.nn.functional.pad(torch.cat(parts, 1), (pad,) * 6, mode="reflect")
     outputs = []
