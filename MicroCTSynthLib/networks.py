@@ -203,11 +203,11 @@ def _lean_heads(heads, parts) -> list:
     n, (d, h, w) = first.shape[0], first.shape[2:]
     pad = int(heads[0][0].padding[0])
     convs = [head[1] for head in heads]
-    if torch.jit.is_tracing():
-        return _traced_lean_heads(convs, pad, parts)
-    channels = sum(part.shape[1] for part in parts)
     # Per head and output channel: the depthwise weights (C, 1, k, k, k).
     weights = [[conv.weight[o].unsqueeze(1) for o in range(conv.out_channels)] for conv in convs]
+    if torch.jit.is_tracing():
+        return _traced_lean_heads(convs, weights, pad, parts)
+    channels = sum(part.shape[1] for part in parts)
     outputs = [first.new_empty(n, conv.out_channels, d, h, w) for conv in convs]
     planes = max(1, LEAN_HEAD_FLOATS // max(1, n * channels * (h + 2 * pad) * (w + 2 * pad)) - 2 * pad)
     groups = [(c, min(c + LEAN_HEAD_CHANNELS, channels)) for c in range(0, channels, LEAN_HEAD_CHANNELS)]
@@ -236,7 +236,7 @@ def _lean_heads(heads, parts) -> list:
     return outputs
 
 
-def _traced_lean_heads(convs, pad: int, parts) -> list:
+def _traced_lean_heads(convs, weights, pad: int, parts) -> list:
     """The lean heads as a converter (OpenVINO) traces them: the whole window padded at once (a traced
     graph keeps no plane indices, so it reshapes to any window), each output channel one depthwise
     convolution of all channels and its channel sum, written without in-place updates of slices.
@@ -249,9 +249,8 @@ def _traced_lean_heads(convs, pad: int, parts) -> list:
     """
     x = torch.nn.functional.pad(torch.cat(parts, 1), (pad,) * 6, mode="reflect")
     outputs = []
-    for conv in convs:
-        sums = [torch.nn.functional.conv3d(x, conv.weight[o].unsqueeze(1), groups=x.shape[1]).sum(1, keepdim=True)
-                for o in range(conv.out_channels)]
+    for conv, per_output in zip(convs, weights):
+        sums = [torch.nn.functional.conv3d(x, weight, groups=x.shape[1]).sum(1, keepdim=True) for weight in per_output]
         out = torch.cat(sums, 1) if len(sums) > 1 else sums[0]
         outputs.append(out + conv.bias.view(1, -1, 1, 1, 1) if conv.bias is not None else out)
     return outputs

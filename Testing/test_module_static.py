@@ -197,8 +197,8 @@ def test_cmake_lists_name_existing_files():
     assert sorted(p.name for p in (ENGINE / "Resources" / "presets").glob("*.json")) == [
         "paper.json", "pretrained-calibrated.json", "pretrained-context48.json", "pretrained-harmonized.json",
         "pretrained-harmonized10.json", "pretrained-long.json",
-        "pretrained-robust.json", "pretrained-robust40.json", "pretrained-wide.json", "pretrained.json", "quick.json",
-            "tiny.json"]
+        "pretrained-robust.json", "pretrained-robust40.json", "pretrained-wide.json", "pretrained.json",
+        "quick.json", "tiny.json"]
 
 
 def _always_true(test: ast.expr) -> bool:
