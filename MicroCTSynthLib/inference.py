@@ -11,9 +11,10 @@ choices here decide what a user waits for. Each is picked automatically and can 
   window alone; OpenVINO, whose calls cost little, takes one window at a time.
 * ``backend``: ``"auto"`` is OpenVINO (``pip install openvino``, the optional extra
   ``microctsynth[openvino]``) on a CPU when it is installed, the network is deterministic (no
-  dropout left on) and large enough to repay its conversion (:data:`AUTO_OPENVINO_PARAMETERS`),
-  else PyTorch. The network is traced once per window shape and precision and
-  the compiled model is kept with the network for later calls.
+  dropout left on) and the job repays its conversion: a network of a million parameters or more
+  (:data:`AUTO_OPENVINO_PARAMETERS`), or a smaller one that PyTorch would run in fp32 over enough
+  windows (:data:`AUTO_OPENVINO_WINDOW_VOXELS`); else PyTorch. The network is traced once per
+  window shape and precision and the compiled model is kept with the network for later calls.
 * PyTorch fp32 on a CPU runs the cGAN generators' heads the lean way (:meth:`Generator._forward_lean`:
   their 7³ convolutions to one or three channels as sums of depthwise ones, large windows slab by
   slab), 1.4-2x as fast per window (:data:`LEAN_CPU_FP32`), and OpenVINO converts them so
@@ -182,16 +183,28 @@ def _deterministic(module: nn.Module) -> bool:
     return not any(m.training for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd))
 
 
-#: ``backend="auto"`` runs OpenVINO for networks of at least this many parameters. Converting and
-#: compiling costs a fresh process about 1.5 s and 85 MB, which a small network never earns back:
-#: the shipped phantom models (about 0.2 M parameters) synthesize a 160³ specimen in 5.4 s with PyTorch
-#: and 6.8 s with OpenVINO, while the thesis' generator (23.5 M) runs a 96³ window 2.5x faster.
+#: ``backend="auto"`` runs OpenVINO for networks of at least this many parameters: the thesis'
+#: generator (23.5 M) ran a 96³ window in 3.44 s in OpenVINO against 7.93 s in PyTorch (fp32, lean
+#: heads in both, 2 threads of a CPU without native bf16).
 AUTO_OPENVINO_PARAMETERS = 1_000_000
 
+#: ... and for a smaller network that PyTorch would run in fp32 (a CPU without native bf16, or fp32
+#: asked for), once the job holds this many window voxels (windows x voxels per window). Converting
+#: and compiling costs a fresh process 1.5-3 s and 80-100 MB, which OpenVINO's speed per window
+#: (1.6x for the quick generator, lean heads, 2 threads of a CPU without native bf16) earns back
+#: only over enough windows. Fresh processes there: the quick single-task generator on 343
+#: windows of 24³ (4.7e6 voxels) took 3.1 s against PyTorch's 2.4 s; the shipped models on a
+#: 160³ specimen (multitask 125 windows of 40³, 8.0e6 voxels; single-task 343 of 32³, 1.1e7)
+#: 9.6-10.3 s and 8.3-8.7 s against 11.1-12.0 s and 9.3-9.9 s. Where PyTorch runs bf16
+#: natively (AMX) it was the faster for such networks (a 160³ specimen in 5.4 s against 6.8 s).
+AUTO_OPENVINO_WINDOW_VOXELS = 6_000_000
 
-def resolve_backend(backend, predictor, device) -> str:
-    """``auto``: OpenVINO for a deterministic ``nn.Module`` of at least :data:`AUTO_OPENVINO_PARAMETERS`
-    parameters on the CPU when installed, else PyTorch."""
+
+def resolve_backend(backend, predictor, device, dtype=torch.float32, window_voxels=None) -> str:
+    """``auto``: OpenVINO on the CPU when installed, for a deterministic ``nn.Module`` of at least
+    :data:`AUTO_OPENVINO_PARAMETERS` parameters, or a smaller one run in ``dtype`` fp32 over
+    ``window_voxels`` (windows x voxels per window, when known) of at least
+    :data:`AUTO_OPENVINO_WINDOW_VOXELS`; else PyTorch."""
     name = "auto" if backend is None else str(backend).lower()
     if name not in BACKENDS:
         raise MicroCTSynthError(f"The backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
@@ -208,9 +221,11 @@ def resolve_backend(backend, predictor, device) -> str:
             raise MicroCTSynthError("The OpenVINO backend runs the network without dropout; stochastic passes "
                                     "(--samples above 1) need --backend torch.")
         return "openvino"
-    if name == "auto" and device.type == "cpu" and isinstance(predictor, nn.Module) and _deterministic(predictor) \
-            and sum(p.numel() for p in predictor.parameters()) >= AUTO_OPENVINO_PARAMETERS and openvino_available():
-        return "openvino"
+    if name == "auto" and device.type == "cpu" and isinstance(predictor, nn.Module) and _deterministic(predictor):
+        large = sum(p.numel() for p in predictor.parameters()) >= AUTO_OPENVINO_PARAMETERS
+        long = dtype == torch.float32 and window_voxels is not None and window_voxels >= AUTO_OPENVINO_WINDOW_VOXELS
+        if (large or long) and openvino_available():
+            return "openvino"
     return "torch"
 
 
@@ -221,11 +236,14 @@ class WindowPredictor:
     numpy arrays (B, C_out, *roi), one per output of the network.
     """
 
-    def __init__(self, predictor: Callable, roi, device="cpu", precision="auto", backend="auto", channels_last=None):
+    def __init__(self, predictor: Callable, roi, device="cpu", precision="auto", backend="auto", channels_last=None,
+                 windows=None):
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
-        self.backend = resolve_backend(backend, predictor, self.device)
         self.roi = tuple(int(r) for r in roi)
+        #: ``windows``: how many windows the job will run, when known (for ``backend="auto"``).
+        self.backend = resolve_backend(backend, predictor, self.device, self.dtype,
+                                       None if windows is None else int(windows) * int(np.prod(self.roi)))
         self.predictor = predictor
         # On the CPU oneDNN picks its own layout; on CUDA see CUDA_CHANNELS_LAST.
         if channels_last is None:
@@ -235,6 +253,9 @@ class WindowPredictor:
         self._request = None
         #: The generators' lean forward (PyTorch fp32 on the CPU, where it was measured to pay).
         self.lean = LEAN_CPU_FP32 and self.backend == "torch" and self.device.type == "cpu" and self.dtype == torch.float32
+        has_generator = isinstance(predictor, nn.Module) and any(isinstance(m, Generator) for m in predictor.modules())
+        #: Whether the windows run a generator's lean heads (said in :attr:`description`).
+        self.lean_heads = has_generator and (self.lean or (self.backend == "openvino" and LEAN_OPENVINO))
         if self.backend == "torch":
             configure_cuda(self.device)
             if self.channels_last and isinstance(predictor, nn.Module):
@@ -242,7 +263,7 @@ class WindowPredictor:
 
     @property
     def description(self) -> str:
-        return f"{self.backend} {precision_name(self.dtype)} on {self.device}{', lean heads' if self.lean else ''}"
+        return f"{self.backend} {precision_name(self.dtype)} on {self.device}{', lean heads' if self.lean_heads else ''}"
 
     def predict(self, batch: torch.Tensor) -> tuple:
         if self.backend == "openvino":
@@ -316,4 +337,5 @@ def compiled_openvino_model(module: nn.Module, channels: int, roi, dtype: torch.
 
 __all__ = ["PRECISIONS", "BACKENDS", "resolve_device", "resolve_precision", "resolve_batch_size", "resolve_backend",
            "cpu_has_native_bf16", "openvino_available", "autocast", "configure_cuda", "WindowPredictor",
-           "compiled_openvino_model", "precision_name", "AUTO_OPENVINO_PARAMETERS", "lean_generators"]
+           "compiled_openvino_model", "precision_name", "AUTO_OPENVINO_PARAMETERS", "AUTO_OPENVINO_WINDOW_VOXELS",
+           "lean_generators"]

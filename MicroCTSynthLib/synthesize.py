@@ -250,8 +250,6 @@ def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callab
     array = array.float()
     roi = _triple(roi_size, "roi_size", int)
     overlap = check_overlap(overlap)
-    runner = WindowPredictor(predictor, roi, device, precision, backend)
-    batch_size = resolve_batch_size(sw_batch_size, roi, runner.device, runner.backend)
     size = tuple(array.shape[1:])
     pad_before = [max(r - s, 0) // 2 for r, s in zip(roi, size)]
     pad_after = [max(r - s, 0) - b for r, s, b in zip(roi, size, pad_before)]
@@ -263,6 +261,8 @@ def sliding_window_synthesis(image: torch.Tensor | np.ndarray, predictor: Callab
     work = tuple(array.shape[1:])
     starts = [patch_starts(n, r, overlap) for n, r in zip(work, roi)]
     positions = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+    runner = WindowPredictor(predictor, roi, device, precision, backend, windows=len(positions))
+    batch_size = resolve_batch_size(sw_batch_size, roi, runner.device, runner.backend)
     weight = importance_map(roi, mode)
     blend = _Blend(0, work[0], work[1:])
     _run_windows(array, 0, positions, roi, runner, batch_size, weight, blend, progress, n_outputs, background)
@@ -541,13 +541,14 @@ class _Outputs:
 
 
 def _window_runner(generator: nn.Module, samples: int, multitask: bool, image_head: bool, roi, device, precision,
-                   backend, sw_batch_size, mode: str) -> tuple[WindowPredictor, int]:
+                   backend, sw_batch_size, mode: str, windows=None) -> tuple[WindowPredictor, int]:
     """The generator's passes as a predictor of windows, and how many windows go per call."""
     if samples > 1 and enable_dropout(generator) == 0:
         log("The model has no dropout: all samples are equal and the uncertainty is zero.", mode)
     if samples > 1 and backend in (None, "auto"):
         backend = "torch"  # stochastic passes keep dropout on, which only PyTorch runs
-    runner = WindowPredictor(_passes(generator, samples, multitask, image_head), roi, device, precision, backend)
+    runner = WindowPredictor(_passes(generator, samples, multitask, image_head), roi, device, precision, backend,
+                             windows=windows)
     batch_size = resolve_batch_size(sw_batch_size, roi, runner.device, runner.backend)
     log(f"Synthesis: {runner.description}, {batch_size} window{'s' if batch_size > 1 else ''} per call.", mode)
     return runner, batch_size
@@ -672,7 +673,7 @@ def synthesize_on_grid(ct: Volume, grid: Volume, generator: nn.Module, normaliza
     generator = generator.to(device).eval()
     multitask = multitask or not image_head
     runner, batch_size = _window_runner(generator, samples, multitask, image_head, tiling.roi, device, precision,
-                                        backend, sw_batch_size, mode)
+                                        backend, sw_batch_size, mode, tiling.n_windows)
     # Outside the CT: the darkest value of the CT window, whose network value is the floor of a window.
     outside_value = float(normalization.ct_window[0]) if hasattr(normalization, "ct_window") else -1000.0
     floor = float(np.min(normalization.ct_to_net(np.float32([outside_value, outside_value - 1.0]))))

@@ -104,6 +104,15 @@ def test_backend_choice(monkeypatch):
         resolve_backend("openvino", net, cpu)
     net.eval()
     assert resolve_backend("auto", net, cpu) == "torch"  # too small to repay OpenVINO's conversion
+    # ... unless PyTorch would run it in fp32 over enough windows to repay it
+    enough = inference.AUTO_OPENVINO_WINDOW_VOXELS
+    assert resolve_backend("auto", net, cpu, torch.float32, enough - 1) == "torch"
+    assert resolve_backend("auto", net, cpu, torch.float32, enough) == "openvino"
+    assert resolve_backend("auto", net, cpu, torch.bfloat16, enough) == "torch"  # native bf16: PyTorch was faster
+    assert resolve_backend("auto", net, cuda, torch.float32, enough) == "torch"
+    net.train()
+    assert resolve_backend("auto", net, cpu, torch.float32, enough) == "torch"
+    net.eval()
     monkeypatch.setattr(inference, "AUTO_OPENVINO_PARAMETERS", sum(p.numel() for p in net.parameters()))
     assert resolve_backend("auto", net, cpu) == "openvino"
     with pytest.raises(MicroCTSynthError, match="CPU"):
@@ -112,6 +121,7 @@ def test_backend_choice(monkeypatch):
         resolve_backend("openvino", lambda x: x, cpu)
     monkeypatch.setattr(inference, "openvino_available", lambda: False)
     assert resolve_backend("auto", net, cpu) == "torch"
+    assert resolve_backend("auto", net, cpu, torch.float32, enough) == "torch"
     with pytest.raises(MicroCTSynthError, match="pip install openvino"):
         resolve_backend("openvino", net, cpu)
     with pytest.raises(MicroCTSynthError, match="backend"):
@@ -130,6 +140,7 @@ def test_lean_forward_for_pytorch_fp32_on_the_cpu(monkeypatch):
     runner.predict(torch.rand(2, 1, 16, 16, 16))
     assert calls == [net] and net.lean is False  # turned on for the call, off again after
     assert not WindowPredictor(wrapper, (16,) * 3, "cpu", "bf16", "torch").lean  # bf16 runs the plain network
+    assert WindowPredictor(nn.Conv3d(1, 1, 3), (16,) * 3, "cpu", "fp32", "torch").description == "torch fp32 on cpu"
     monkeypatch.setattr(inference, "LEAN_CPU_FP32", False)
     assert not WindowPredictor(wrapper, (16,) * 3, "cpu", "fp32", "torch").lean
 
@@ -221,6 +232,17 @@ def test_defaults_agree_with_fp32_pytorch(monkeypatch, trained_tiny):
         reference = synthesize_on_grid(ct, ct, nets[False], norm, 16, precision="fp32", backend="torch")
     default = synthesize_on_grid(ct, ct, nets[False], norm, 16)
     assert min(dice_per_class(reference.tissue.array, default.tissue.array).values()) >= 0.99
+
+
+def test_the_backend_is_chosen_knowing_the_windows_to_run(monkeypatch, trained_tiny):
+    """Both synthesis paths tell ``backend="auto"`` how many window voxels the job holds."""
+    ct, norm, nets = trained_tiny
+    seen = []
+    choose = inference.resolve_backend
+    monkeypatch.setattr(inference, "resolve_backend", lambda *a: seen.append(a[4]) or choose(*a))
+    synthesize_on_grid(ct, ct, nets[False], norm, 16, overlap=0.5)  # 40³: windows every 8 voxels, 4 per axis
+    sliding_window_synthesis(np.zeros((1, 24, 24, 40), np.float32), nets[False], 16, overlap=0.5)
+    assert seen == [4**3 * 16**3, 2 * 2 * 4 * 16**3]
 
 
 def test_openvino_model_is_compiled_once_per_weights(trained_tiny):
