@@ -29,6 +29,7 @@ CPU tensor and returns the network's outputs as float32 numpy arrays.
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -170,9 +171,28 @@ def lean_generators(module, on: bool = True):
 
 
 # -- backends ---------------------------------------------------------------------------------
+def _import_openvino():
+    """``openvino``, imported with its usage statistics off.
+
+    On import and on every conversion OpenVINO's converter sends usage statistics to Google
+    Analytics (the ``openvino_telemetry`` package it installs, on unless its opt-out file says
+    otherwise), from a process forked off a worker thread. Nothing a user synthesizes should
+    leave the machine unasked, and a fork while another thread holds a lock can hang the child
+    and with it the process at exit (offline, ``make demo`` once waited on it for minutes). So
+    before OpenVINO is first imported the telemetry package is marked absent, and OpenVINO takes
+    its own no-op stand-in, as where the package is not installed. Where something else has
+    already imported it in this process, it is left alone.
+    """
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None: `import openvino_telemetry` raises ImportError
+    import openvino
+
+    return openvino
+
+
 def openvino_available() -> bool:
     try:
-        import openvino  # noqa: F401
+        _import_openvino()
     except ImportError:
         return False
     return True
@@ -307,7 +327,7 @@ def compiled_openvino_model(module: nn.Module, channels: int, roi, dtype: torch.
     Kept with the network (weakly) so that later calls with the same window shape, precision and
     weights reuse it.
     """
-    import openvino as ov
+    ov = _import_openvino()
 
     key = (channels, tuple(roi), precision_name(dtype), torch.get_num_threads(), LEAN_OPENVINO, _weights_key(module))
     cache = _OPENVINO_CACHE.setdefault(module, {})

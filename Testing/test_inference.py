@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -243,6 +248,27 @@ def test_the_backend_is_chosen_knowing_the_windows_to_run(monkeypatch, trained_t
     synthesize_on_grid(ct, ct, nets[False], norm, 16, overlap=0.5)  # 40³: windows every 8 voxels, 4 per axis
     sliding_window_synthesis(np.zeros((1, 24, 24, 40), np.float32), nets[False], 16, overlap=0.5)
     assert seen == [4**3 * 16**3, 2 * 2 * 4 * 16**3]
+
+
+def test_openvino_sends_no_usage_statistics(tmp_path):
+    """Converting a network leaves OpenVINO's telemetry package unimported: no process is forked to
+    send usage statistics and no client id is written to the home folder (a fresh interpreter,
+    since this one may have imported OpenVINO already)."""
+    if not HAS_OPENVINO:
+        pytest.skip("openvino is not installed")
+    script = (
+        "import multiprocessing, sys, torch\n"
+        "from MicroCTSynthLib import inference\n"
+        "from MicroCTSynthLib.networks import Generator\n"
+        "inference.compiled_openvino_model(Generator(1, ngf=4, n_blocks=1).eval(), 1, (16,) * 3, torch.float32)\n"
+        "print(sys.modules['openvino_telemetry'], len(multiprocessing.active_children()))\n")
+    env = {**os.environ, "HOME": str(tmp_path), "USERPROFILE": str(tmp_path)}
+    env.pop("CI", None)  # OpenVINO's telemetry stays silent in CI jobs on its own
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "0"]
+    assert not any(tmp_path.iterdir())  # no ~/intel/openvino_ga_cid
 
 
 def test_openvino_model_is_compiled_once_per_weights(trained_tiny):

@@ -233,9 +233,9 @@ def bench_preset(name: str, size: int, device: torch.device, repeats: int, threa
             del out
     reference = outputs["monai"][0].numpy()
     ours = outputs["ours"]
-    runner = WindowPredictor(_net_of(methods), (patch,) * 3, device)
     voxels = size**3
     windows = len(patch_starts(size, patch, 0.5)) ** 3
+    runner = WindowPredictor(_net_of(methods), (patch,) * 3, device, windows=windows)
     row = {"preset": name, "patch_size": patch, "ngf": preset["ngf"], "n_blocks": preset["n_blocks"], "size": size,
            "windows": windows, "device": str(device), "repeats": repeats, "ours_runs": runner.description,
            "ours_batch": resolve_batch_size("auto", (patch,) * 3, device, runner.backend),
@@ -371,10 +371,10 @@ def roi_run(model: str, spacing: float, size_mm: float, device: torch.device) ->
                                     int(preset["patch_size"]), multitask=model == "multi", overlap=0.5, device=device)
     seconds = time.perf_counter() - t0
     roi = (int(preset["patch_size"]),) * 3
+    windows = int(np.prod([len(patch_starts(max(n, roi[0]), roi[0], 0.5)) for n in grid.shape]))
     return {"model": model, "spacing_mm": spacing, "size_mm": size_mm, "grid": list(grid.shape),
-            "windows": int(np.prod([len(patch_starts(max(n, roi[0]), roi[0], 0.5)) for n in grid.shape])),
-            "seconds": seconds, "peak_added_mb": mem.added / 2**20,
-            "runs": WindowPredictor(net, roi, device).description,
+            "windows": windows, "seconds": seconds, "peak_added_mb": mem.added / 2**20,
+            "runs": WindowPredictor(net, roi, device, windows=windows).description,
             "tissue_fractions": [float((result.tissue.array == k).mean()) for k in (1, 2, 3)]}
 
 
