@@ -38,7 +38,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .choices import check_model_kind
+from .choices import BACKENDS, check_model_kind
 from .errors import MicroCTSynthError
 from .labels import PRIORITY, TISSUE_COLORS, TISSUE_NAMES
 from .process import Job, JobState, engine_command
@@ -799,25 +799,29 @@ class MicroCTSynthSceneLogic:
 
     # -- 5. synthesis -----------------------------------------------------------------------
     def synthesize(self, ctNode, modelPath, roiNode=None, referenceNode=None, samples: int = 1,
-                   overlap: float | None = None, device: str | None = None, wait: bool = False, name: str | None = None):
+                   overlap: float | None = None, device: str | None = None, wait: bool = False, name: str | None = None,
+                   backend: str = "auto"):
         """Synthetic micro-CT and tissue map of a CT with a trained model (in the background).
 
         The output grid: the ROI (axis-aligned, at the model's voxel size), or the grid of
         ``referenceNode`` (e.g. the micro-CT, for evaluation), or the CT's field of view. The
         CT is taken where it is shown (with its registration transform). ``samples`` > 1 also
         gives the voxel-wise standard deviation (an uncertainty volume). ``overlap``: of the windows, a
-        fraction (default: the model's preset's ``synthesis_overlap``). Result:
-        :class:`SynthesisNodes`.
+        fraction (default: the model's preset's ``synthesis_overlap``). ``backend``: how the windows
+        run on a CPU, ``auto``, ``torch`` or ``openvino`` (see :mod:`MicroCTSynthLib.inference`).
+        Result: :class:`SynthesisNodes`.
         """
         self._checkIdle()
         _scalar_volume(ctNode, "CT")
         if not modelPath or not Path(modelPath).is_file():
             raise MicroCTSynthError(f"The model file '{modelPath}' does not exist; train a model or choose its best.pt.")
+        if backend not in BACKENDS:
+            raise MicroCTSynthError(f"The backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
         folder = self.jobDir("synthesize")
         ct_path = self._writeVolume(ctNode, folder / "ct.nrrd")
         out_microct, out_tissue = folder / "synthetic_microct.nrrd", folder / "synthetic_tissue.nrrd"
         args = ["--model", str(modelPath), "--ct", str(ct_path), "--out-microct", str(out_microct),
-                "--out-tissue", str(out_tissue), "--device", device or self.device]
+                "--out-tissue", str(out_tissue), "--device", device or self.device, "--backend", backend]
         if overlap is not None:
             args += ["--overlap", str(overlap)]
         if referenceNode is not None:

@@ -487,3 +487,53 @@ def test_self_test_makes_sure_of_its_packages_first(module_file, scene, monkeypa
     present["torch"] = True  # the install worked this time
     test.test_MicroCTSynth_scenario()
     assert len(ran) == 1 and test.messages[-1] == "Test passed"
+
+
+def test_the_panels_cpu_backend_reaches_the_engine_and_openvino_is_installed_first(module_file, scene, monkeypatch,
+                                                                                  tmp_path):
+    """Synthesis runs with the panel's CPU backend; OpenVINO, chosen and missing, is asked for
+    (and nothing starts when the user declines), while auto and torch ask for nothing more."""
+    import importlib.util
+
+    import numpy as np
+
+    from MicroCTSynthLib import mrml
+    from MicroCTSynthLib.volume import Volume
+
+    module = module_file
+    started = []
+
+    class Recorder:  # stands in for the background job: records its command line, done at once
+        running = False
+
+        def __init__(self, command, **callbacks):
+            started.append(command)
+
+        def start(self):
+            return self
+
+    monkeypatch.setattr(mrml, "Job", Recorder)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openvino" else real_find_spec(name, *a))
+    logic = module.MicroCTSynthLogic()
+    assert logic.missingPackages("synthesize") == [] and logic.missingPackages("synthesizeOpenVINO") == ["openvino"]
+    assert "openvino" not in logic.missingPackages() and "openvino" not in logic.missingPackages("selfTest")
+    widget, errors = _panel(module, logic, monkeypatch)
+    p = widget._parameterNode
+    p.ctVolume = mrml.node_from_volume(Volume(np.zeros((8, 8, 8), np.int16), (0.3, 0.3, 0.3)), "CT", scene)
+    p.modelPath = tmp_path / "best.pt"
+    p.modelPath.write_bytes(b"a checkpoint")
+    p.samples, p.device = 1, "cpu"
+    p.backend = "openvino"
+    widget._startOrCancel(widget.ui.synthesizeButton, widget.onSynthesize)  # the user declines the install
+    assert len(widget.asked) == 1 and "openvino" in widget.asked[0] and started == [] and errors == []
+    for backend in ("auto", "torch"):
+        p.backend = backend
+        widget._job = None
+        widget._startOrCancel(widget.ui.synthesizeButton, widget.onSynthesize)
+        command = started[-1]
+        assert command[command.index("--backend") + 1] == backend
+    assert len(widget.asked) == 1 and errors == []
+    with pytest.raises(module.MicroCTSynthError, match="backend must be one of auto, torch, openvino"):
+        logic.synthesize(p.ctVolume, p.modelPath, backend="tensorrt")
