@@ -127,6 +127,25 @@ def test_failed_synthesis_leaves_the_scene_as_it_was(scene, tmp_path):
     assert list((tmp_path / "jobs").iterdir()) == []  # the job's files are gone too
 
 
+def _record_jobs(monkeypatch) -> list:
+    """Background jobs stood in for: each records its command line (in the list returned) and is done at once."""
+    from MicroCTSynthLib import mrml
+
+    started = []
+
+    class Recorder:
+        running = False
+
+        def __init__(self, command, **callbacks):
+            started.append(command)
+
+        def start(self):
+            return self
+
+    monkeypatch.setattr(mrml, "Job", Recorder)
+    return started
+
+
 def test_synthesis_hands_a_negative_roi_centre_to_the_engine(scene, tmp_path, monkeypatch):
     """The bridge writes the region as --roi-center=X,Y,Z --roi-size=...: a centre at negative LPS
     coordinates reaches the engine's parser as a value."""
@@ -135,16 +154,7 @@ def test_synthesis_hands_a_negative_roi_centre_to_the_engine(scene, tmp_path, mo
     from MicroCTSynthLib import cli, mrml
     from MicroCTSynthLib.volume import Volume
 
-    started = []
-
-    class Recorder:  # stands in for the background job: records its command line
-        def __init__(self, command, **callbacks):
-            started.append(command)
-
-        def start(self):
-            return self
-
-    monkeypatch.setattr(mrml, "Job", Recorder)
+    started = _record_jobs(monkeypatch)
     logic = MicroCTSynthSceneLogic(scene, workDir=tmp_path / "jobs")
     ct = mrml.node_from_volume(Volume(np.zeros((8, 8, 8), np.int16), (0.3, 0.3, 0.3), (-20.0, -10.0, -8.0)), "CT", scene)
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
@@ -501,18 +511,7 @@ def test_the_panels_cpu_backend_reaches_the_engine_and_openvino_is_installed_fir
     from MicroCTSynthLib.volume import Volume
 
     module = module_file
-    started = []
-
-    class Recorder:  # stands in for the background job: records its command line, done at once
-        running = False
-
-        def __init__(self, command, **callbacks):
-            started.append(command)
-
-        def start(self):
-            return self
-
-    monkeypatch.setattr(mrml, "Job", Recorder)
+    started = _record_jobs(monkeypatch)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "openvino" else real_find_spec(name, *a))
