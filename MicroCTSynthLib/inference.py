@@ -12,9 +12,9 @@ choices here decide what a user waits for. Each is picked automatically and can 
 * ``backend``: ``"auto"`` is OpenVINO (``pip install openvino``, the optional extra
   ``microctsynth[openvino]``) on a CPU when it is installed, the network is deterministic (no
   dropout left on) and the job repays its conversion: a network of a million parameters or more
-  (:data:`AUTO_OPENVINO_PARAMETERS`), or a smaller one that PyTorch would run in fp32 over enough
-  windows (:data:`AUTO_OPENVINO_WINDOW_VOXELS`); else PyTorch. The network is traced once per
-  window shape and precision and the compiled model is kept with the network for later calls.
+  (:data:`AUTO_OPENVINO_PARAMETERS`), or a smaller cGAN generator that PyTorch would run in fp32
+  over enough windows (:data:`AUTO_OPENVINO_WINDOW_VOXELS`); else PyTorch. The network is traced
+  once per window shape and precision and the compiled model is kept with the network for later calls.
 * PyTorch fp32 on a CPU runs the cGAN generators' heads the lean way (:meth:`Generator._forward_lean`:
   their 7³ convolutions to one or three channels as sums of depthwise ones, large windows slab by
   slab), 1.4-2x as fast per window (:data:`LEAN_CPU_FP32`), and OpenVINO converts them so
@@ -198,6 +198,11 @@ def openvino_available() -> bool:
     return True
 
 
+def _holds_generator(predictor) -> bool:
+    """Whether ``predictor`` is or wraps a cGAN :class:`Generator` (whose heads can run lean)."""
+    return isinstance(predictor, nn.Module) and any(isinstance(m, Generator) for m in predictor.modules())
+
+
 def _deterministic(module: nn.Module) -> bool:
     """No dropout left in training mode (OpenVINO runs a traced, inference-only network)."""
     return not any(m.training for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd))
@@ -208,21 +213,23 @@ def _deterministic(module: nn.Module) -> bool:
 #: heads in both, 2 threads of a CPU without native bf16).
 AUTO_OPENVINO_PARAMETERS = 1_000_000
 
-#: ... and for a smaller network that PyTorch would run in fp32 (a CPU without native bf16, or fp32
-#: asked for), once the job holds this many window voxels (windows x voxels per window). Converting
-#: and compiling costs a fresh process 1.5-3 s and 80-100 MB, which OpenVINO's speed per window
-#: (1.6x for the quick generator, lean heads, 2 threads of a CPU without native bf16) earns back
-#: only over enough windows. Fresh processes there: the quick single-task generator on 343
-#: windows of 24³ (4.7e6 voxels) took 3.1 s against PyTorch's 2.4 s; the shipped models on a
-#: 160³ specimen (multitask 125 windows of 40³, 8.0e6 voxels; single-task 343 of 32³, 1.1e7)
-#: 9.6-10.3 s and 8.3-8.7 s against 11.1-12.0 s and 9.3-9.9 s. Where PyTorch runs bf16
-#: natively (AMX) it was the faster for such networks (a 160³ specimen in 5.4 s against 6.8 s).
+#: ... and for a smaller generator that PyTorch would run in fp32 (a CPU without native bf16, or
+#: fp32 asked for), once the job holds this many window voxels (windows x voxels per window).
+#: OpenVINO runs the quick-size generators' windows 1.6x as fast (lean heads in both, 2 threads of
+#: a CPU without native bf16); converting and compiling costs a fresh process 1.5-3 s and more
+#: memory, earned back only over enough windows. Fresh processes there: the quick single-task
+#: generator on 343 windows of 24³ (4.7e6 voxels) took 3.1 s against PyTorch's 2.4 s; the shipped
+#: models on a 160³ specimen (multitask 125 windows of 40³, 8.0e6 voxels; single-task 343 of 32³,
+#: 1.1e7) 8.2-9.9 s and 7.3-10.1 s against 10.3-13.0 s and 8.5-10.4 s (medians 8.3 and 7.3 against
+#: 10.6 and 9.0), for 110-135 MB more. The segmenter (no heads to run lean) gained 4 % for 140-160
+#: MB more, so it stays with PyTorch. Where PyTorch runs bf16 natively (AMX) it was the faster for
+#: these networks (a 160³ specimen in 5.4 s against 6.8 s).
 AUTO_OPENVINO_WINDOW_VOXELS = 6_000_000
 
 
 def resolve_backend(backend, predictor, device, dtype=torch.float32, window_voxels=None) -> str:
     """``auto``: OpenVINO on the CPU when installed, for a deterministic ``nn.Module`` of at least
-    :data:`AUTO_OPENVINO_PARAMETERS` parameters, or a smaller one run in ``dtype`` fp32 over
+    :data:`AUTO_OPENVINO_PARAMETERS` parameters, or a smaller generator run in ``dtype`` fp32 over
     ``window_voxels`` (windows x voxels per window, when known) of at least
     :data:`AUTO_OPENVINO_WINDOW_VOXELS`; else PyTorch."""
     name = "auto" if backend is None else str(backend).lower()
@@ -243,7 +250,8 @@ def resolve_backend(backend, predictor, device, dtype=torch.float32, window_voxe
         return "openvino"
     if name == "auto" and device.type == "cpu" and isinstance(predictor, nn.Module) and _deterministic(predictor):
         large = sum(p.numel() for p in predictor.parameters()) >= AUTO_OPENVINO_PARAMETERS
-        long = dtype == torch.float32 and window_voxels is not None and window_voxels >= AUTO_OPENVINO_WINDOW_VOXELS
+        long = (dtype == torch.float32 and window_voxels is not None and window_voxels >= AUTO_OPENVINO_WINDOW_VOXELS
+                and LEAN_OPENVINO and _holds_generator(predictor))
         if (large or long) and openvino_available():
             return "openvino"
     return "torch"
@@ -273,9 +281,8 @@ class WindowPredictor:
         self._request = None
         #: The generators' lean forward (PyTorch fp32 on the CPU, where it was measured to pay).
         self.lean = LEAN_CPU_FP32 and self.backend == "torch" and self.device.type == "cpu" and self.dtype == torch.float32
-        has_generator = isinstance(predictor, nn.Module) and any(isinstance(m, Generator) for m in predictor.modules())
         #: Whether the windows run a generator's lean heads (said in :attr:`description`).
-        self.lean_heads = has_generator and (self.lean or (self.backend == "openvino" and LEAN_OPENVINO))
+        self.lean_heads = _holds_generator(predictor) and (self.lean or (self.backend == "openvino" and LEAN_OPENVINO))
         if self.backend == "torch":
             configure_cuda(self.device)
             if self.channels_last and isinstance(predictor, nn.Module):

@@ -336,6 +336,8 @@ class Segmenter(nn.Module):
         self._arguments = {"in_channels": int(in_channels), "n_classes": int(n_classes), "filters": int(filters),
                            "levels": int(levels)}
         strides = [1] + [2] * (int(levels) - 1)
+        if torch.empty(0).is_meta:  # built on the meta device to be counted, as init_weights skips it
+            DynUNet = type("DynUNet", (DynUNet,), {"initialize_weights": staticmethod(lambda module: None)})
         self.net = DynUNet(spatial_dims=3, in_channels=int(in_channels), out_channels=int(n_classes),
                            kernel_size=[3] * int(levels), strides=strides, upsample_kernel_size=strides[1:],
                            filters=[int(filters) * 2 ** i for i in range(int(levels))], norm_name="instance",
@@ -392,6 +394,10 @@ def init_weights(net: nn.Module, init_type: str = "normal", init_gain: float = 0
         raise MicroCTSynthError(f"The weight initialisation must be one of {', '.join(methods)}, not {init_type!r}.")
 
     def init_func(m: nn.Module) -> None:
+        if any(p.is_meta for p in m.parameters(recurse=False)):
+            # Built on the meta device to be counted (memory.parameter_count): no values to draw, and
+            # drawing them there imports torch._dynamo, a second of every synthesis' and training's start.
+            return
         classname = m.__class__.__name__
         # "Conv" matches Conv3d and ConvTranspose3d, as pix2pix matches Conv2d / ConvTranspose2d.
         if getattr(m, "weight", None) is not None and ("Conv" in classname or "Linear" in classname):

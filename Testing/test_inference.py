@@ -115,6 +115,7 @@ def test_backend_choice(monkeypatch):
     assert resolve_backend("auto", net, cpu, torch.float32, enough) == "openvino"
     assert resolve_backend("auto", net, cpu, torch.bfloat16, enough) == "torch"  # native bf16: PyTorch was faster
     assert resolve_backend("auto", net, cuda, torch.float32, enough) == "torch"
+    assert resolve_backend("auto", nn.Conv3d(1, 1, 3), cpu, torch.float32, enough) == "torch"  # no heads to run lean
     net.train()
     assert resolve_backend("auto", net, cpu, torch.float32, enough) == "torch"
     net.eval()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -269,3 +272,22 @@ def test_bad_inputs_are_told_clearly():
         Generator(1, 4, 1, dropout=1.0)
     with pytest.raises(MicroCTSynthError):
         Discriminator(2, 4, 0)
+
+
+def test_networks_are_counted_on_the_meta_device_without_drawing_weights():
+    """memory.parameter_count builds each network on the meta device, as every synthesis and
+    training does first: the counts are the real ones and no weight is drawn there, which would
+    import torch._dynamo (about a second of start-up; a fresh interpreter, as a job starts)."""
+    script = (
+        "import sys, torch\n"
+        "from MicroCTSynthLib.memory import parameter_count\n"
+        "from MicroCTSynthLib.networks import Discriminator, Generator, Segmenter\n"
+        "cases = [(Generator, {'ngf': 8, 'n_blocks': 3, 'multitask': True, 'input_skip': True}),\n"
+        "         (Discriminator, {'in_channels': 2, 'ndf': 8, 'n_layers': 2}), (Segmenter, {'filters': 8, 'levels': 3})]\n"
+        "counted = [parameter_count(cls, args) for cls, args in cases]\n"
+        "print('torch._dynamo' in sys.modules)\n"
+        "print(counted == [sum(p.numel() for p in cls(**args).parameters()) for cls, args in cases])\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
