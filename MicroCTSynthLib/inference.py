@@ -216,15 +216,16 @@ AUTO_OPENVINO_PARAMETERS = 1_000_000
 #: ... and for a smaller generator that PyTorch would run in fp32 (a CPU without native bf16, or
 #: fp32 asked for), once the job holds this many window voxels (windows x voxels per window).
 #: OpenVINO runs the quick-size generators' windows 1.6x as fast (lean heads in both, 2 threads of
-#: a CPU without native bf16); converting and compiling costs a fresh process 1.5-3 s and more
-#: memory, earned back only over enough windows. Fresh processes there: the quick single-task
-#: generator on 343 windows of 24³ (4.7e6 voxels) took 3.1 s against PyTorch's 2.4 s; the shipped
-#: models on a 160³ specimen (multitask 125 windows of 40³, 8.0e6 voxels; single-task 343 of 32³,
-#: 1.1e7) 8.2-9.9 s and 7.3-10.1 s against 10.3-13.0 s and 8.5-10.4 s (medians 8.3 and 7.3 against
-#: 10.6 and 9.0), for 110-135 MB more. The segmenter (no heads to run lean) gained 4 % for 140-160
-#: MB more, so it stays with PyTorch. Where PyTorch runs bf16 natively (AMX) it was the faster for
-#: these networks (a 160³ specimen in 5.4 s against 6.8 s).
-AUTO_OPENVINO_WINDOW_VOXELS = 6_000_000
+#: a CPU without native bf16); importing, converting and compiling cost a fresh process about
+#: 0.3 s, earned back over about 1.7e6 window voxels. Fresh processes there, the quick single-task
+#: generator: 27 windows of 24³ (3.7e5 voxels) 0.43-0.45 s against PyTorch's 0.18-0.23 s, 125
+#: (1.7e6) 0.84-0.98 s against 0.95-1.22 s, 343 (4.7e6) 1.72-1.98 s against 2.32-2.41 s; the
+#: shipped models on a 160³ specimen (multitask 125 windows of 40³; single-task 343 of 32³) 7.5-8.2
+#: s and 6.6-7.2 s against 10.1-10.8 s and 8.7-9.3 s, for 70-90 MB more. The segmenter (no heads
+#: to run lean) gained 4 % for 140-160 MB more, so it stays with PyTorch. Where PyTorch runs bf16
+#: natively (AMX) it was the faster for these networks (a 160³ specimen in 5.4 s against 6.8 s,
+#: when converting took 1.5 s).
+AUTO_OPENVINO_WINDOW_VOXELS = 2_000_000
 
 
 def resolve_backend(backend, predictor, device, dtype=torch.float32, window_voxels=None) -> str:
@@ -348,7 +349,11 @@ def compiled_openvino_model(module: nn.Module, channels: int, roi, dtype: torch.
         example = torch.zeros(1, channels, *[min(int(r), 16) for r in roi])
         with torch.no_grad(), warnings.catch_warnings(), lean_generators(module, LEAN_OPENVINO):
             warnings.simplefilter("ignore")  # the tracer's notes on shape checks, meant for developers
-            model = ov.convert_model(module, example_input=example)
+            # Traced here as OpenVINO traces (strict=False) but without torch.jit's checking pass, whose
+            # comparison imports torch.distributed.tensor: 0.7 of the 0.95 s OpenVINO took to convert
+            # the shipped multitask model (0.24 s so).
+            traced = torch.jit.trace(module, example, strict=False, check_trace=False)
+            model = ov.convert_model(traced, example_input=example)
         model.reshape([ov.Dimension(-1), channels, *[int(r) for r in roi]])
         config = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32",
                   "INFERENCE_NUM_THREADS": int(torch.get_num_threads())}
