@@ -94,7 +94,7 @@ STEP_PACKAGES["selfTest"] = tuple(REQUIRED_PACKAGES)
 
 #: Packages no step needs, installed when the user asks for what they give: OpenVINO runs
 #: synthesis on the CPU faster than PyTorch (the paper-size generator 2.3x on a CPU without
-#: native bf16, the shipped cGANs 1.3x on a whole specimen), for 70-90 MB more memory.
+#: native bf16, the shipped models 1.2-1.3x on a whole specimen), for 70-100 MB more memory.
 OPTIONAL_PACKAGES = {"openvino": "openvino"}
 #: Synthesis with the OpenVINO backend chosen on the panel.
 STEP_PACKAGES["synthesizeOpenVINO"] = STEP_PACKAGES["synthesize"] + ("openvino",)

@@ -12,8 +12,8 @@ choices here decide what a user waits for. Each is picked automatically and can 
 * ``backend``: ``"auto"`` is OpenVINO (``pip install openvino``, the optional extra
   ``microctsynth[openvino]``) on a CPU when it is installed, the network is deterministic (no
   dropout left on) and the job repays its conversion: a network of a million parameters or more
-  (:data:`AUTO_OPENVINO_PARAMETERS`), or a smaller cGAN generator that PyTorch would run in fp32
-  over enough windows (:data:`AUTO_OPENVINO_WINDOW_VOXELS`); else PyTorch. The network is traced
+  (:data:`AUTO_OPENVINO_PARAMETERS`), or a smaller one that PyTorch would run in fp32 over enough
+  windows (:data:`AUTO_OPENVINO_WINDOW_VOXELS`); else PyTorch. The network is traced
   once per window shape and precision and the compiled model is kept with the network for later calls.
 * PyTorch fp32 on a CPU runs the cGAN generators' heads the lean way (:meth:`Generator._forward_lean`:
   their 7³ convolutions to one or three channels as sums of depthwise ones, large windows slab by
@@ -213,24 +213,23 @@ def _deterministic(module: nn.Module) -> bool:
 #: heads in both, 2 threads of a CPU without native bf16).
 AUTO_OPENVINO_PARAMETERS = 1_000_000
 
-#: ... and for a smaller generator that PyTorch would run in fp32 (a CPU without native bf16, or
-#: fp32 asked for), once the job holds this many window voxels (windows x voxels per window).
-#: OpenVINO runs the quick-size generators' windows 1.6x as fast (lean heads in both, 2 threads of
-#: a CPU without native bf16); importing, converting and compiling cost a fresh process about
-#: 0.3 s, earned back over about 1.7e6 window voxels. Fresh processes there, the quick single-task
+#: ... and for a smaller network that PyTorch would run in fp32 (a CPU without native bf16, or fp32
+#: asked for), once the job holds this many window voxels (windows x voxels per window). OpenVINO
+#: runs the quick-size generators' windows 1.6x as fast (lean heads in both, 2 threads of a CPU
+#: without native bf16); importing, converting and compiling cost a fresh process about 0.3 s,
+#: earned back over about 1.7e6 window voxels. Fresh processes there, the quick single-task
 #: generator: 27 windows of 24³ (3.7e5 voxels) 0.43-0.45 s against PyTorch's 0.18-0.23 s, 125
 #: (1.7e6) 0.84-0.98 s against 0.95-1.22 s, 343 (4.7e6) 1.72-1.98 s against 2.32-2.41 s; the
-#: shipped models on a 160³ specimen (multitask 125 windows of 40³; single-task 343 of 32³) 7.5-8.2
-#: s and 6.6-7.2 s against 10.1-10.8 s and 8.7-9.3 s, for 70-90 MB more. The segmenter (no heads
-#: to run lean) gained 4 % for 140-160 MB more, so it stays with PyTorch. Where PyTorch runs bf16
-#: natively (AMX) it was the faster for these networks (a 160³ specimen in 5.4 s against 6.8 s,
-#: when converting took 1.5 s).
+#: shipped models on a 160³ specimen (multitask 125 windows of 40³; single-task and segmenter 343
+#: of 32³) 7.5-8.2 s, 6.6-7.2 s and 8.9-9.0 s against 10.1-10.8 s, 8.7-9.3 s and 10.2-11.5 s, for
+#: 70-100 MB more. Where PyTorch runs bf16 natively (AMX) it was the faster for these networks (a
+#: 160³ specimen in 5.4 s against 6.8 s, when converting took 1.5 s).
 AUTO_OPENVINO_WINDOW_VOXELS = 2_000_000
 
 
 def resolve_backend(backend, predictor, device, dtype=torch.float32, window_voxels=None) -> str:
     """``auto``: OpenVINO on the CPU when installed, for a deterministic ``nn.Module`` of at least
-    :data:`AUTO_OPENVINO_PARAMETERS` parameters, or a smaller generator run in ``dtype`` fp32 over
+    :data:`AUTO_OPENVINO_PARAMETERS` parameters, or a smaller one run in ``dtype`` fp32 over
     ``window_voxels`` (windows x voxels per window, when known) of at least
     :data:`AUTO_OPENVINO_WINDOW_VOXELS`; else PyTorch."""
     name = "auto" if backend is None else str(backend).lower()
@@ -251,9 +250,8 @@ def resolve_backend(backend, predictor, device, dtype=torch.float32, window_voxe
         return "openvino"
     if name == "auto" and device.type == "cpu" and isinstance(predictor, nn.Module) and _deterministic(predictor):
         large = sum(p.numel() for p in predictor.parameters()) >= AUTO_OPENVINO_PARAMETERS
-        long = (dtype == torch.float32 and window_voxels is not None and window_voxels >= AUTO_OPENVINO_WINDOW_VOXELS
-                and LEAN_OPENVINO and _holds_generator(predictor))
-        if (large or long) and openvino_available():
+        many_windows = dtype == torch.float32 and (window_voxels or 0) >= AUTO_OPENVINO_WINDOW_VOXELS
+        if (large or many_windows) and openvino_available():
             return "openvino"
     return "torch"
 

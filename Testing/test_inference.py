@@ -115,7 +115,7 @@ def test_backend_choice(monkeypatch):
     assert resolve_backend("auto", net, cpu, torch.float32, enough) == "openvino"
     assert resolve_backend("auto", net, cpu, torch.bfloat16, enough) == "torch"  # native bf16: PyTorch was faster
     assert resolve_backend("auto", net, cuda, torch.float32, enough) == "torch"
-    assert resolve_backend("auto", nn.Conv3d(1, 1, 3), cpu, torch.float32, enough) == "torch"  # no heads to run lean
+    assert resolve_backend("auto", nn.Conv3d(1, 1, 3), cpu, torch.float32, enough) == "openvino"  # any network
     net.train()
     assert resolve_backend("auto", net, cpu, torch.float32, enough) == "torch"
     net.eval()
@@ -270,6 +270,19 @@ def test_openvino_sends_no_usage_statistics(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "0"]
     assert not any(tmp_path.iterdir())  # no ~/intel/openvino_ga_cid
+
+
+def test_openvino_runs_the_segmenter_as_pytorch():
+    """The direct segmenter (MONAI's DynUNet), which ``auto`` may run with OpenVINO too: its logits
+    as PyTorch's to float rounding."""
+    if not HAS_OPENVINO:
+        pytest.skip("openvino is not installed")
+    torch.manual_seed(0)
+    net = networks.Segmenter(filters=4, levels=3).eval()
+    x = torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    ours = WindowPredictor(net, (16,) * 3, "cpu", "fp32", "openvino").predict(x)[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(ours, net(x).numpy(), atol=1e-4)
 
 
 def test_openvino_model_is_compiled_once_per_weights(trained_tiny):
