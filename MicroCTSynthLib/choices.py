@@ -34,3 +34,10 @@ def check_model_kind(kind: str) -> str:
     if kind not in MODEL_KINDS:
         raise MicroCTSynthError(f"Unknown model '{kind}': use {', '.join(MODEL_KINDS)}.")
     return kind
+
+
+def check_backend(backend: str) -> str:
+    """``backend`` if it is one of :data:`BACKENDS`, else one sentence naming them."""
+    if backend not in BACKENDS:
+        raise MicroCTSynthError(f"The backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
+    return backend

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .choices import BACKENDS, PRECISIONS
+from .choices import BACKENDS, PRECISIONS, check_backend
 from .errors import MicroCTSynthError
 from .networks import Generator
 
@@ -232,9 +232,7 @@ def resolve_backend(backend, predictor, device, dtype=torch.float32, window_voxe
     :data:`AUTO_OPENVINO_PARAMETERS` parameters, or a smaller one run in ``dtype`` fp32 over
     ``window_voxels`` (windows x voxels per window, when known) of at least
     :data:`AUTO_OPENVINO_WINDOW_VOXELS`; else PyTorch."""
-    name = "auto" if backend is None else str(backend).lower()
-    if name not in BACKENDS:
-        raise MicroCTSynthError(f"The backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
+    name = check_backend("auto" if backend is None else str(backend).lower())
     device = torch.device(device)
     if name == "openvino":
         if not openvino_available():
@@ -268,7 +266,7 @@ class WindowPredictor:
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
         self.roi = tuple(int(r) for r in roi)
-        #: ``windows``: how many windows the job will run, when known (for ``backend="auto"``).
+        # ``windows``: how many windows the job will run, when known (for ``backend="auto"``).
         self.backend = resolve_backend(backend, predictor, self.device, self.dtype,
                                        None if windows is None else int(windows) * int(np.prod(self.roi)))
         self.predictor = predictor

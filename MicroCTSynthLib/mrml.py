@@ -38,7 +38,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .choices import BACKENDS, check_model_kind
+from .choices import check_backend, check_model_kind
 from .errors import MicroCTSynthError
 from .labels import PRIORITY, TISSUE_COLORS, TISSUE_NAMES
 from .process import Job, JobState, engine_command
@@ -815,8 +815,7 @@ class MicroCTSynthSceneLogic:
         _scalar_volume(ctNode, "CT")
         if not modelPath or not Path(modelPath).is_file():
             raise MicroCTSynthError(f"The model file '{modelPath}' does not exist; train a model or choose its best.pt.")
-        if backend not in BACKENDS:
-            raise MicroCTSynthError(f"The backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
+        check_backend(backend)
         folder = self.jobDir("synthesize")
         ct_path = self._writeVolume(ctNode, folder / "ct.nrrd")
         out_microct, out_tissue = folder / "synthetic_microct.nrrd", folder / "synthetic_tissue.nrrd"
