@@ -4,9 +4,9 @@ The same entry point serves a terminal, a headless server, ``torchrun`` and the 
 module's background process (``PythonSlicer -m MicroCTSynthLib ... --progress json``).
 
 :data:`COMMANDS` is the table of subcommands. Each :class:`Command` holds its help line, the
-function declaring its arguments (``_<name>_arguments``), the function running it
-(``_run_<name>``, which imports the engine's ``command_<name>`` only when that command runs, so
-that ``--help`` answers at once), the files it reads and writes and any lock it holds.
+function declaring its arguments (``_<name>_arguments``), the engine function running it
+(``"module:command_<name>"``, imported only when that command runs, so that ``--help`` answers at
+once), the files it reads and writes and any lock it holds.
 
 A :class:`MicroCTSynthError` ends the run with its sentence on stderr (and as a JSON ``error``
 event with ``--progress json``) and exit status 2; so does a failed write (full disk, read-only
@@ -21,6 +21,7 @@ and a volume output's ending is checked, so no work is done for a file that cann
 from __future__ import annotations
 
 import argparse
+import importlib
 import shlex
 import signal
 import sys
@@ -49,14 +50,22 @@ class CommandFiles:
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its help line, its arguments, what runs it, its files and the lock it holds."""
+    """A subcommand: its help line, its arguments, the engine function running it, its files and
+    the lock it holds."""
 
     help: str
     arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    #: ``"module:function"`` of the engine (as an entry point is written): the function that takes
+    #: the parsed arguments and returns the exit status, imported only when the command runs.
+    entry: str
     files: CommandFiles = CommandFiles()
     #: What the command holds while it runs (the phantom: its dataset folder's lock).
     guard: Optional[Callable[[argparse.Namespace], ContextManager]] = None
+
+    def function(self) -> Callable[[argparse.Namespace], int]:
+        """The engine function of :attr:`entry` (imports its module)."""
+        module, _, name = self.entry.partition(":")
+        return getattr(importlib.import_module(f".{module}", __package__), name)
 
 
 #: Exit status of a job ended by SIGTERM (128 + 15), as a shell reports it.
@@ -149,12 +158,6 @@ def _phantom_arguments(p: argparse.ArgumentParser) -> None:
     _progress(p)
 
 
-def _run_phantom(args: argparse.Namespace) -> int:
-    from .phantom import command_phantom
-
-    return command_phantom(args)
-
-
 # -- register --------------------------------------------------------------------------------------
 def _register_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed", required=True, help="the micro-CT (fixed image)")
@@ -170,23 +173,11 @@ def _register_arguments(p: argparse.ArgumentParser) -> None:
     _progress(p)
 
 
-def _run_register(args: argparse.Namespace) -> int:
-    from .registration import command_register
-
-    return command_register(args)
-
-
 # -- tissue-map ------------------------------------------------------------------------------------
 def _tissue_map_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--microct", required=True, help="micro-CT volume")
     p.add_argument("--out", required=True, help="tissue map to write (labels 0 outside, 1 air, 2 soft tissue, 3 bone)")
     p.add_argument("--closing-radius", type=float, default=None, help="radius of each class' binary closing in mm")
-
-
-def _run_tissue_map(args: argparse.Namespace) -> int:
-    from .tissue import command_tissue_map
-
-    return command_tissue_map(args)
 
 
 # -- prepare ---------------------------------------------------------------------------------------
@@ -198,12 +189,6 @@ def _prepare_arguments(p: argparse.ArgumentParser) -> None:
     _progress(p)
 
 
-def _run_prepare(args: argparse.Namespace) -> int:
-    from .prepare import command_prepare
-
-    return command_prepare(args)
-
-
 # -- evaluate --------------------------------------------------------------------------------------
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", required=True, help="reference tissue map")
@@ -211,12 +196,6 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--microct", help="micro-CT, for the perceptual error (Eq. 8)")
     p.add_argument("--synthetic", help="synthetic micro-CT, for the perceptual error (Eq. 8)")
     p.add_argument("--json", help="write the metrics as JSON here")
-
-
-def _run_evaluate(args: argparse.Namespace) -> int:
-    from .metrics import command_evaluate
-
-    return command_evaluate(args)
 
 
 # -- train -----------------------------------------------------------------------------------------
@@ -239,12 +218,6 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     _device(p)
     _progress(p)
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    from .train import command_train
-
-    return command_train(args)
 
 
 #: What ``synthesize --roi CENTER SIZE`` (the older form of --roi-center and --roi-size) says.
@@ -283,12 +256,6 @@ def _synthesize_arguments(p: argparse.ArgumentParser) -> None:
     _progress(p)
 
 
-def _run_synthesize(args: argparse.Namespace) -> int:
-    from .synthesize import command_synthesize
-
-    return command_synthesize(args)
-
-
 # -- atlas -----------------------------------------------------------------------------------------
 def _atlas_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ct", required=True, help="target CT")
@@ -299,12 +266,6 @@ def _atlas_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-transform", help="target's CT-to-micro-CT transform (.tfm) placing the CT on the grid")
     p.add_argument("--out", required=True, help="atlas tissue map to write")
     _progress(p)
-
-
-def _run_atlas(args: argparse.Namespace) -> int:
-    from .atlas import command_atlas
-
-    return command_atlas(args)
 
 
 # -- experiment ------------------------------------------------------------------------------------
@@ -320,12 +281,6 @@ def _experiment_arguments(p: argparse.ArgumentParser) -> None:
     _progress(p)
 
 
-def _run_experiment(args: argparse.Namespace) -> int:
-    from .experiment import command_experiment
-
-    return command_experiment(args)
-
-
 # -- demo ------------------------------------------------------------------------------------------
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for the phantom, the runs and the report")
@@ -337,64 +292,52 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     _progress(p)
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    from .experiment import command_demo
-
-    return command_demo(args)
-
-
 # -- models ----------------------------------------------------------------------------------------
 def _models_arguments(p: argparse.ArgumentParser) -> None:
     _progress(p)
-
-
-def _run_models(args: argparse.Namespace) -> int:
-    from .experiment import command_models
-
-    return command_models(args)
 
 
 #: The subcommands, in the order ``--help`` lists them.
 COMMANDS = {
     "phantom": Command(
         "make the inner-ear phantom: paired CT / micro-CT specimens with their true tissue maps",
-        _phantom_arguments, _run_phantom, guard=_phantom_guard),
+        _phantom_arguments, "phantom:command_phantom", guard=_phantom_guard),
     "register": Command(
         "register a CT (moving) onto a micro-CT (fixed) with Mattes mutual information",
-        _register_arguments, _run_register,
+        _register_arguments, "registration:command_register",
         CommandFiles(inputs=("fixed", "moving", "init", "landmarks_fixed", "landmarks_moving"),
                      outputs=("out_transform", "out_resampled"), volumes=("out_resampled",))),
     "tissue-map": Command(
         "make the air / soft tissue / bone map of a micro-CT (multi-Otsu + closing)",
-        _tissue_map_arguments, _run_tissue_map, CommandFiles(inputs=("microct",), outputs=("out",), volumes=("out",))),
+        _tissue_map_arguments, "tissue:command_tissue_map", CommandFiles(inputs=("microct",), outputs=("out",), volumes=("out",))),
     "prepare": Command(
         "the thesis' pre-processing of every case: registration, resampled CT, tissue maps",
-        _prepare_arguments, _run_prepare),
+        _prepare_arguments, "prepare:command_prepare"),
     "evaluate": Command(
         "Dice, HD95 per class and the perceptual error of a prediction",
-        _evaluate_arguments, _run_evaluate,
+        _evaluate_arguments, "metrics:command_evaluate",
         CommandFiles(inputs=("reference", "prediction", "microct", "synthetic"), outputs=("json",))),
     "train": Command(
         "train the single-task or multitask 3D cGAN (or the direct segmenter) on a leave-2-out group",
-        _train_arguments, _run_train),
+        _train_arguments, "train:command_train"),
     "synthesize": Command(
         "synthesize micro-CT and tissue map from a CT with a trained model",
-        _synthesize_arguments, _run_synthesize,
+        _synthesize_arguments, "synthesize:command_synthesize",
         CommandFiles(inputs=("model", "ct", "reference_grid"), outputs=SYNTHESIS_OUTPUTS, volumes=SYNTHESIS_OUTPUTS)),
     "atlas": Command(
         "the atlas baseline: register atlas CTs, warp their tissue maps, majority vote",
-        _atlas_arguments, _run_atlas,
+        _atlas_arguments, "atlas:command_atlas",
         CommandFiles(inputs=("ct", "reference_grid", "target_transform"), outputs=("out",), volumes=("out",),
                      dataset="data")),
     "experiment": Command(
         "the thesis' leave-2-out experiment: train, synthesize, baselines, report",
-        _experiment_arguments, _run_experiment),
+        _experiment_arguments, "experiment:command_experiment"),
     "demo": Command(
         "phantom -> prepare -> experiment on group A with the shipped models -> report",
-        _demo_arguments, _run_demo),
+        _demo_arguments, "experiment:command_demo"),
     "models": Command(
         "list the shipped trained models and what their cards say",
-        _models_arguments, _run_models),
+        _models_arguments, "experiment:command_models"),
 }
 
 
@@ -415,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             warn(DEPRECATED_ROI, args.progress)
         check_files(args)
         with command.guard(args) if command.guard else nullcontext():
-            return int(command.run(args) or 0)
+            return int(command.function()(args) or 0)
     except MicroCTSynthError as exc:
         return _fail(args.command, str(exc), json_mode)
     except OSError as exc:

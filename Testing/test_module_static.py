@@ -237,12 +237,10 @@ def test_icons_are_128_pixel_pngs(icon):
 
 
 def _engine_imports(module: str) -> tuple[set[str], set[str]]:
-    """(engine modules, outside import names) a module of the engine imports, anywhere in it; in
-    cli.py, not inside the command runners (``_run_<name>``): each step lists its own engine module."""
+    """(engine modules, outside import names) a module of the engine imports, anywhere in it (cli.py
+    imports each command's module by name when it runs: each step lists its own engine module)."""
     internal, external = set(), set()
     tree = ast.parse((ENGINE / f"{module}.py").read_text())
-    if module == "cli":
-        tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name.startswith("_run_"))]
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level:
             internal |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
