@@ -152,9 +152,10 @@ def _phantom_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed; each specimen derives its own from it")
     p.add_argument("--specimens", default=None, help="comma-separated study codes (default: all six, S3_1,...,S3_12)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out (its cases.json and images)")
-    p.add_argument("--scanners", choices=("clinical", "unseen", "far"), default="clinical",
-                   help="the CTs' scanners: clinical ranges (default); unseen: just outside every clinical range, "
-                        "far: well outside (same anatomy), to test a model on scanners it was not trained on")
+    p.add_argument("--scanners", choices=("clinical", "edge", "unseen", "far"), default="clinical",
+                   help="the CTs' scanners: clinical ranges (default); edge: their coarsest, noisiest corner; "
+                        "unseen: just outside every clinical range; far: well outside (same anatomy), to test a "
+                        "model on scanners it was not trained on")
     _progress(p)
 
 

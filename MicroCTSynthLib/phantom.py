@@ -88,7 +88,14 @@ FAR_SCANNERS = _bright_and_dark(
     {"voxel_mm": (0.42, 0.5), "psf_fwhm_mm": (0.75, 0.85), "noise_hu": (95.0, 120.0),
      "noise_correlation_mm": (0.36, 0.45), "streak_hu": (105.0, 130.0)},
     dark=((0.64, 0.72), (-330.0, -260.0)), bright=((1.28, 1.36), (160.0, 250.0)))
-SCANNER_SETS = {"clinical": CT_SCANNERS, "unseen": UNSEEN_SCANNERS, "far": FAR_SCANNERS}
+#: The coarsest, noisiest and furthest-calibrated corner *inside* the clinical cone-beam ranges
+#: (``--scanners edge``): what a scanner the training ranges hold loses against a typical one, to
+#: tell it apart from what leaving the ranges (``unseen``) loses.
+EDGE_SCANNERS = _bright_and_dark(
+    {"voxel_mm": (0.38, 0.4), "psf_fwhm_mm": (0.67, 0.7), "noise_hu": (85.0, 90.0),
+     "noise_correlation_mm": (0.32, 0.35), "streak_hu": (95.0, 100.0)},
+    dark=((0.75, 0.78), (-250.0, -220.0)), bright=((1.22, 1.25), (120.0, 150.0)))
+SCANNER_SETS = {"clinical": CT_SCANNERS, "edge": EDGE_SCANNERS, "unseen": UNSEEN_SCANNERS, "far": FAR_SCANNERS}
 #: Bone denser than this (HU) hardens the beam.
 _DENSE_BONE_HU = 1500.0
 
@@ -350,7 +357,7 @@ def _scanner_set(name: str) -> dict:
 
 def make_specimen(name: str, preset="quick", seed: int = 0, scanners: str = "clinical") -> Specimen:
     """One phantom specimen, deterministic per ``(name, seed)`` (and the preset's grids); its CT
-    from a scanner of the set ``scanners`` ("clinical", "unseen" or "far", :data:`SCANNER_SETS`)."""
+    from a scanner of the set ``scanners`` (a name of :data:`SCANNER_SETS`)."""
     if name not in SPECIMENS:
         raise MicroCTSynthError(f"Unknown specimen '{name}': the phantom has {', '.join(SPECIMENS)}.")
     cfg = load_preset(preset)

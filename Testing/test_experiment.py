@@ -110,6 +110,30 @@ def test_segmenter_benchmark_trains_the_tissue_head_and_scores_train_and_test(ex
         bench.main(["--data", str(data), "--loss", "focal"])
 
 
+def test_scanner_benchmark_scores_the_same_specimens_from_another_scanner_set(experiment, tmp_path, capsys):
+    """Clinical figures as the experiment's own, the other phantom named by its scanner set, the drop
+    the difference; phantoms of different seeds are refused."""
+    data, out, _ = experiment
+    edge = tmp_path / "edge"
+    make_phantom(edge, preset="tiny", specimens=["S3_2"], progress="none", scanners="edge")
+    prepare(edge, progress="none")
+    bench = _benchmark("bench_scanners")
+    model = out / "runs" / "T_multi" / "best.pt"
+    assert bench.main(["--clinical", str(data), "--unseen", str(edge), "--group", "T", "--model", f"multi={model}",
+                       "--json", str(tmp_path / "scanners.json")]) == 0
+    assert "   edge " in capsys.readouterr().out
+    row = json.loads((tmp_path / "scanners.json").read_text())["models"]["multi"]
+    experiment_dice = json.loads((out / "cases" / "T" / "S3_2" / "metrics_multi.json").read_text())["dice"]
+    assert row["clinical"]["median"] == pytest.approx(experiment_dice)
+    assert row["clinical"]["median"] != row["unseen"]["median"]
+    for c, drop in row["drop"].items():
+        assert drop == pytest.approx(row["clinical"]["median"][c] - row["unseen"]["median"][c])
+    other_seed = tmp_path / "seed1"
+    make_phantom(other_seed, preset="tiny", specimens=["S3_2"], seed=1, progress="none", scanners="edge")
+    with pytest.raises(SystemExit):
+        bench.main(["--clinical", str(data), "--unseen", str(other_seed), "--group", "T", "--model", f"multi={model}"])
+
+
 def test_mixed_scanners_dataset_trains_on_both_renderings(tmp_path):
     """The unseen-scanner control's dataset: each training specimen twice, validation and test as they were."""
     bench = _benchmark("mixed_scanners")

@@ -20,7 +20,7 @@ from MicroCTSynthLib.labels import TISSUE_NAMES
 from MicroCTSynthLib.losses import segmentation_loss
 from MicroCTSynthLib.metrics import dice_per_class
 from MicroCTSynthLib.package_data import CARD_KEYS, sha256, shipped_checkpoint, shipped_models, verify_shipped
-from MicroCTSynthLib.phantom import CT_SCANNERS, FAR_SCANNERS, UNSEEN_SCANNERS, draw_parameters
+from MicroCTSynthLib.phantom import CT_SCANNERS, EDGE_SCANNERS, FAR_SCANNERS, SCANNER_SETS, UNSEEN_SCANNERS, draw_parameters
 from MicroCTSynthLib.presets import load_preset
 from MicroCTSynthLib.synthesize import synthesize
 from MicroCTSynthLib.networks import segmenter_levels
@@ -105,8 +105,31 @@ def test_unseen_scanners_lie_outside_every_clinical_range_and_keep_the_anatomy(s
     seen, unseen = draw_parameters("S3_2", 4, cfg), draw_parameters("S3_2", 4, cfg, scanners="unseen")
     assert seen["anatomy"] == unseen["anatomy"] and seen["pose_rotation_deg"] == unseen["pose_rotation_deg"]
     assert unseen["ct_scanner"]["kind"] in UNSEEN_SCANNERS and seen["ct_scanner"] != unseen["ct_scanner"]
-    with pytest.raises(MicroCTSynthError, match="clinical, unseen, far"):
+    with pytest.raises(MicroCTSynthError, match="clinical, edge, unseen, far"):
         draw_parameters("S3_2", 4, cfg, scanners="other")
+
+
+def test_edge_scanners_lie_in_the_coarse_corner_of_the_cone_beam_ranges():
+    """``--scanners edge`` stays inside every clinical cone-beam range, within its coarsest,
+    noisiest eighth and its furthest eighth of calibration (one dark, one bright)."""
+    cbct = CT_SCANNERS["CBCT"]
+    for name, kind in EDGE_SCANNERS.items():
+        for key, (lo, hi) in kind.items():
+            c_lo, c_hi = cbct[key]
+            assert c_lo <= lo < hi <= c_hi, (name, key)
+            if key in ("gain", "offset_hu"):
+                assert (hi - c_lo if name == "CBCT-dark" else c_hi - lo) <= 0.125 * (c_hi - c_lo), (name, key)
+            else:
+                assert lo >= c_hi - 0.125 * (c_hi - c_lo), (name, key)
+    edge = draw_parameters("S3_2", 4, load_preset("quick"), scanners="edge")
+    assert edge["ct_scanner"]["kind"] in EDGE_SCANNERS
+
+
+def test_command_line_offers_every_scanner_set():
+    from MicroCTSynthLib.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["phantom"]
+    assert tuple(next(a for a in sub._actions if a.dest == "scanners").choices) == tuple(SCANNER_SETS)
 
 
 # -- the direct segmenter -------------------------------------------------------------------------

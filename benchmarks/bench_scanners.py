@@ -4,7 +4,9 @@ The same specimens (same anatomy, pose and misalignment) are rendered twice by t
 once with the clinical scanners the training data came from (``phantom --scanners clinical``)
 and once with scanners outside every clinical range (``--scanners unseen``: coarser, blurrier,
 noisier, calibrated further off). Each model synthesizes the test specimens of a group in both,
-and the median Dice per class is compared; the drop is clinical minus unseen.
+and the median Dice per class is compared; the drop is clinical minus unseen. ``--unseen`` may
+also be rendered with ``--scanners far`` (well outside the ranges) or ``--scanners edge`` (the
+coarsest corner inside them: what a scanner the training saw loses); the output names it.
 
     python benchmarks/bench_scanners.py --clinical DIR --unseen DIR [--group A] [--split test|val]
         --model NAME=CHECKPOINT [--model ...] [--json out.json]
@@ -51,6 +53,7 @@ def main(argv=None) -> int:
     specimens = groups[args.group][args.split]
     scanners = {name: {s: (d.data["phantom"]["specimens"][s]["ct_scanner"]) for s in specimens}
                 for name, d in (("clinical", clinical), ("unseen", unseen))}
+    other = (unseen.data.get("phantom") or {}).get("scanners") or "unseen"
     rows = {}
     print(f"Group {args.group} {args.split} specimens {', '.join(specimens)} (seed {seeds[0]}); median Dice air / soft tissue / bone")
     for item in args.model:
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
         row["drop"] = {c: row["clinical"]["median"][c] - row["unseen"]["median"][c] for c in CLASSES}
         rows[name] = row
         fmt = lambda d: " / ".join(f"{d[c]:.3f}" for c in CLASSES)  # noqa: E731
-        print(f"  {name:<28} clinical {fmt(row['clinical']['median'])}   unseen {fmt(row['unseen']['median'])}   "
+        print(f"  {name:<28} clinical {fmt(row['clinical']['median'])}   {other} {fmt(row['unseen']['median'])}   "
               f"drop {fmt(row['drop'])}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"group": args.group, "split": args.split, "seed": seeds[0], "scanners": scanners,
