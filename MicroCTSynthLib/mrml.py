@@ -239,7 +239,7 @@ def segmentation_from_labels(labels: Volume, name: str = "Tissue map", scene=Non
                                              logic.MODE_REPLACE, None, False)
     display = node.GetDisplayNode()
     if display is not None:
-        for value, segment_name in TISSUE_NAMES.items():
+        for segment_name in TISSUE_NAMES.values():
             display.SetSegmentVisibility(segment_name, True)
     node.Modified()
     return node

@@ -309,21 +309,25 @@ def _read_markups_json(path: Path) -> np.ndarray:
 
 def _read_landmarks_csv(path: Path) -> np.ndarray:
     try:
-        rows = [r for r in csv.reader(path.read_text().splitlines()) if r and not r[0].lstrip().startswith("#")]
+        # (line number, fields) of every line that is neither blank nor a comment
+        rows = [(n, r) for n, r in enumerate(csv.reader(path.read_text().splitlines()), start=1)
+                if r and not r[0].lstrip().startswith("#")]
     except (UnicodeDecodeError, csv.Error):
         raise MicroCTSynthError(f"The landmark file '{path}' is not a text CSV file of x,y,z coordinates.") from None
     columns = (0, 1, 2)
     if rows:
-        header = [c.strip().lower() for c in rows[0]]
-        if not _numeric(rows[0][:3]):
+        first = rows[0][1]
+        header = [c.strip().lower() for c in first]
+        if not _numeric(first[:3]):
             if all(k in header for k in ("x", "y", "z")):
                 columns = tuple(header.index(k) for k in ("x", "y", "z"))
             rows = rows[1:]
     points = []
-    for line, row in enumerate(rows, start=1):
+    for line, row in rows:
         values = [row[c] for c in columns if c < len(row)]
         if len(values) != 3 or not _numeric(values):
-            raise MicroCTSynthError(f"The landmark file '{path}' has a row that is not three numbers x,y,z: {','.join(row)[:80]!r}.")
+            raise MicroCTSynthError(f"Line {line} of the landmark file '{path}' is not three numbers x,y,z: "
+                                    f"{','.join(row)[:80]!r}.")
         points.append([float(v) for v in values])
     if not points:
         raise MicroCTSynthError(f"The landmark file '{path}' holds no points.")

@@ -138,8 +138,8 @@ def test_ct_is_in_hounsfield_units_of_its_scanner(quick_pair):
         ct = (phantom.ct_on_microct_grid(sp).array - scanner["offset_hu"]) / scanner["gain"]
         lab = sp.labels.array
 
-        def core(k, mm):  # deep inside a class, away from partial volume
-            return ndimage.binary_erosion(lab == k, iterations=int(round(mm / sp.labels.spacing[0])))
+        def core(k, mm, lab=lab, spacing=sp.labels.spacing[0]):  # deep inside a class, away from partial volume
+            return ndimage.binary_erosion(lab == k, iterations=int(round(mm / spacing)))
 
         assert np.median(ct[core(1, 0.75)]) < -850
         assert -50 < np.median(ct[core(2, 0.3)]) < 400  # thin canals: the PSF brings bone in

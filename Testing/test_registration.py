@@ -279,8 +279,8 @@ def test_read_landmarks_csv_and_slicer_markups(tmp_path):
                               for i, p in enumerate(expected)))
     assert np.allclose(read_landmarks(fcsv), expected * np.array([-1.0, -1.0, 1.0]))
     bad = tmp_path / "bad.csv"
-    bad.write_text("1,2,3\n4,five,6\n")
-    with pytest.raises(MicroCTSynthError, match="not three numbers"):
+    bad.write_text("x,y,z\n1,2,3\n\n# a comment\n4,five,6\n")
+    with pytest.raises(MicroCTSynthError, match="Line 5 of .* not three numbers"):
         read_landmarks(bad)
     with pytest.raises(MicroCTSynthError, match="does not exist"):
         read_landmarks(tmp_path / "none.csv")
