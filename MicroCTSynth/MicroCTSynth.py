@@ -581,6 +581,8 @@ class MicroCTSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 status = done(job.result)
                 if status:
                     self.ui.statusLabel.text = status
+            if job.warnings:  # doubtful inputs the job still ran on: beside "Done", not in a dialog
+                self.ui.statusLabel.text = " ".join([self.ui.statusLabel.text, *job.warnings])
         elif job.state == JobState.CANCELLED:
             self.ui.statusLabel.text = _("Cancelled; the scene is as it was.")
         else:

@@ -61,7 +61,11 @@ def ct_levels(array: np.ndarray) -> tuple[float, float]:
     values = values[np.isfinite(values)][:: max(1, values.size // 2_000_000)]
     if values.size < 27 or np.ptp(values) <= 0:
         raise MicroCTSynthError("The CT has no contrast to find its air and bone levels from.")
-    low, high = threshold_multiotsu(values, classes=3)
+    try:
+        low, high = threshold_multiotsu(values, classes=3)
+    except ValueError:  # fewer than three grey values
+        raise MicroCTSynthError("The CT has fewer than three grey values, so no air, soft tissue and bone to find its "
+                                "calibration from: check that the volume is a CT, not a label map or mask.") from None
     air, bone = float(np.median(values[values < low])), float(np.median(values[values >= high]))
     if not bone - air >= 300.0:
         raise MicroCTSynthError(f"The CT shows no clear air and bone (levels {air:.0f} and {bone:.0f}): it cannot be "

@@ -25,6 +25,7 @@ only when they succeed, so a failed or cancelled job leaves the scene as it was.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import tempfile
@@ -613,6 +614,8 @@ class MicroCTSynthSceneLogic:
         self._checkIdle()
 
         def on_event(event: dict) -> None:
+            if event.get("event") == "log" and event.get("level") == "warning":
+                logging.warning("MicroCTSynth %s: %s", command, event.get("message"))  # Slicer's log and console
             if onEvent is not None:
                 onEvent(event)
             if self.onJobEvent is not None:

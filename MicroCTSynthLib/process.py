@@ -142,6 +142,8 @@ class Job:
         self.progress: dict = {}
         self.outputs: dict = {}
         self.error: str | None = None
+        #: the job's warnings (``log`` events of level ``warning``): doubtful inputs, locks taken over
+        self.warnings: list[str] = []
         self.result = None
         self.returncode: int | None = None
         self.stderr: deque[str] = deque(maxlen=self.STDERR_LINES)
@@ -241,6 +243,8 @@ class Job:
             self.outputs.update(event.get("outputs") or {})
         elif kind == "error":
             self.error = str(event.get("message") or "The job failed.")
+        elif kind == "log" and event.get("level") == "warning":
+            self.warnings.append(str(event.get("message") or ""))
         if self.on_event is not None and self.state != JobState.CANCELLING:
             self.on_event(event)
 

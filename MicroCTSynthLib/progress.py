@@ -131,8 +131,12 @@ def report_result(mode: str, message: str, outputs: dict | None = None, **fields
 
 def warn(message: str, mode: str) -> None:
     """A line the user must see even with ``--progress none`` (a lock taken over, a doubtful input):
-    a JSON ``log`` event with ``json``, else stderr."""
-    log(message, "json" if mode == "json" else "bar")
+    a JSON ``log`` event with ``"level": "warning"`` with ``json`` (a job keeps it in
+    ``Job.warnings``, the panel shows it when the job ends), else stderr."""
+    if mode == "json":
+        emit_json("log", message=message, level="warning")
+    else:
+        log(message, "bar")
 
 
 def log(message: str, mode: str = "bar", bar=None) -> None:

@@ -48,7 +48,7 @@ from .choices import BLEND_MODES
 from .errors import MicroCTSynthError
 from .inference import WindowPredictor, resolve_batch_size, resolve_device
 from .labels import AIR, OUTSIDE
-from .progress import Progress, log, report_result
+from .progress import Progress, log, report_result, warn
 from .tiling import SYNTHESIS_OVERLAP, check_overlap, patch_starts
 from .volume import Volume, read_volume, write_volume
 
@@ -727,6 +727,23 @@ def _mode(progress) -> str:
     return progress if progress in ("bar", "json", "none") else "none"
 
 
+def coarser_than_training(ct_spacing, meta: dict) -> str | None:
+    """A sentence when the CT's voxels are coarser than any the model's training drew (its
+    resolution randomisation, ``augment_voxel_mm``), else None: such a CT does not resolve the
+    thinnest soft tissue the model learnt to map. Models trained without that randomisation say
+    nothing (their training CTs' voxel size is not in the checkpoint)."""
+    preset = meta.get("preset") or {}
+    bounds = preset.get("augment_voxel_mm")
+    if not bounds or float(preset.get("augment_probability") or 0.0) <= 0.0:
+        return None
+    coarsest, limit = max(float(v) for v in ct_spacing), float(bounds[1])
+    if coarsest <= limit * 1.001:
+        return None
+    return (f"The CT's voxels are up to {coarsest:.3g} mm, coarser than any this model was trained on (up to "
+            f"{limit:.3g} mm): thin soft tissue may be missing from its tissue map; a CT reconstructed with "
+            "thinner slices or a smaller voxel size gives a better one.")
+
+
 def model_spacing(meta: dict) -> tuple[float, float, float]:
     """The model's voxel size: the checkpoint's ``spacing_mm`` x its ``downsample``."""
     spacing = meta.get("spacing_mm")
@@ -765,6 +782,9 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=None, b
         reference = read_volume(reference, "The reference grid")
     dev = resolve_device(device)
     generator, meta = load_generator(model_path, device=dev)
+    doubt = coarser_than_training(ct.spacing, meta)
+    if doubt:
+        warn(doubt, _mode(progress))
     normalization = Normalization.from_dict(meta["normalization"])
     # A model trained with ct_calibration sees CTs calibrated to its training scanners' air and bone
     # levels, and one trained with ct_harmonize_fwhm_mm sees them blurred as its training CTs were.

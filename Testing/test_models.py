@@ -226,6 +226,26 @@ def test_shipped_model_matches_its_card_and_synthesizes(name, phantom_case):
     assert min(dice.values()) > 0.2, dice  # a trained model, not noise, on a specimen it never saw
 
 
+def test_a_ct_coarser_than_the_training_says_so_and_is_still_synthesized(capsys):
+    from MicroCTSynthLib.synthesize import coarser_than_training
+
+    meta = {"preset": {"augment_probability": 0.9, "augment_voxel_mm": [0.3, 0.55]}}
+    assert coarser_than_training((0.3, 0.3, 0.3), meta) is None
+    assert coarser_than_training((0.3, 0.3, 0.55), meta) is None
+    assert "up to 0.625 mm, coarser than any this model was trained on (up to 0.55 mm)" in coarser_than_training(
+        (0.3, 0.3, 0.625), meta)
+    assert coarser_than_training((0.3, 0.3, 0.625), {"preset": {**meta["preset"], "augment_probability": 0.0}}) is None
+    assert coarser_than_training((0.3, 0.3, 0.625), {"preset": {}}) is None  # no randomisation: nothing known
+    card = next(c for c in SHIPPED.values() if c["model"] == "multi")
+    limit = card["preset_settings"]["augment_voxel_mm"][1]
+    z = np.linspace(-1.0, 1.0, 8)[:, None, None]
+    noise = np.random.default_rng(0).normal(0.0, 30.0, (8, 12, 12))
+    ct = Volume((np.where(np.abs(z) < 0.5, 1500.0, -1000.0) + noise).astype(np.float32), (0.3, 0.3, 0.7), (-1.65, -1.65, -2.45))
+    result = synthesize(ct, shipped_checkpoint(card), roi=((0.0, 0.0, 0.0), (1.2, 1.2, 1.2)), device="cpu", progress="none")
+    assert result.tissue.array.any()
+    assert f"up to 0.7 mm, coarser than any this model was trained on (up to {limit:.3g} mm)" in capsys.readouterr().err
+
+
 def test_shipped_model_with_a_damaged_file_is_refused(tmp_path):
     card = dict(next(iter(SHIPPED.values())))
     copy = tmp_path / card["checkpoint"]
@@ -294,6 +314,8 @@ def test_calibration_undoes_a_scanners_scale_and_offset():
         assert np.allclose(calibrate_ct(ct * gain + offset, (air, bone)), ct, atol=0.5)
     with pytest.raises(MicroCTSynthError, match="no clear air and bone"):
         ct_levels(np.random.default_rng(0).normal(40.0, 10.0, (16, 16, 16)))
+    with pytest.raises(MicroCTSynthError, match="fewer than three grey values.*label map"):
+        ct_levels(np.where(np.arange(4096).reshape(16, 16, 16) % 2, 1500.0, -1000.0))  # a mask loaded as the CT
 
 
 def test_calibrated_model_gives_the_same_map_for_a_recalibrated_ct(tmp_path):

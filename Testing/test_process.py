@@ -55,6 +55,23 @@ def test_progress_arrives_in_order_and_result_is_imported(tmp_path):
     assert "warning on stderr" in job.stderr
 
 
+def test_engine_warnings_are_kept_apart_from_log_lines(tmp_path):
+    """``progress.warn`` in a job (``--progress json``) is a log event of level warning: the job
+    keeps its sentence in ``warnings`` for the panel; plain log lines stay out of it."""
+    child = _script(tmp_path, """
+        from MicroCTSynthLib.progress import log, warn
+        log("Synthesis: 27 windows.", "json")
+        warn("The CT's voxels are up to 0.70 mm.", "json")
+    """)
+    seen = []
+    job = Job([sys.executable, str(child)], on_event=seen.append)
+    job.start()
+    assert job.wait(timeout=60) == JobState.DONE
+    assert job.warnings == ["The CT's voxels are up to 0.70 mm."]
+    assert seen == [{"event": "log", "message": "Synthesis: 27 windows."},
+                    {"event": "log", "message": "The CT's voxels are up to 0.70 mm.", "level": "warning"}]
+
+
 def test_poll_drives_the_job_without_blocking(tmp_path):
     child = _script(tmp_path, """
         import json, time

@@ -358,6 +358,7 @@ def test_panel_runs_a_job_swaps_apply_and_cancel_and_shows_progress(module_file,
                      "for i in range(1, 4):\n"
                      "    print(json.dumps({'event': 'progress', 'task': 'train', 'step': i, 'total': 3, 'seconds_left': 3 - i}), flush=True)\n"
                      "    time.sleep(0.05)\n"
+                     "print(json.dumps({'event': 'log', 'level': 'warning', 'message': 'The CT is coarse.'}), flush=True)\n"
                      "print(json.dumps({'event': 'result', 'outputs': {'best': 'run/best.pt'}}), flush=True)\n")
     shown = []
     start = lambda: (Job([sys.executable, str(child)], on_result=lambda j: j.outputs["best"]).start(), shown.append)
@@ -370,7 +371,7 @@ def test_panel_runs_a_job_swaps_apply_and_cancel_and_shows_progress(module_file,
     assert shown == ["run/best.pt"] and errors == []
     assert button.text == "Train" and not widget.ui.progressBar.visible and widget._job is None
     assert widget.ui.progressBar.range == (0, 3) and widget.ui.progressBar.value == 3
-    assert widget.ui.statusLabel.text.startswith("Done in")
+    assert widget.ui.statusLabel.text.startswith("Done in") and widget.ui.statusLabel.text.endswith(" The CT is coarse.")
 
 
 def test_panel_cancel_and_failure(module_file, scene, tmp_path, monkeypatch):
