@@ -52,13 +52,25 @@ def _to_unit(a, lo: float, hi: float) -> np.ndarray:
     return np.clip((np.asarray(a, dtype=np.float32) - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
 
 
+#: A CT's lowest value is a fill outside its reconstructed field of view (e.g. -3024 or -2048 HU),
+#: not air, when it holds this share of the voxels and no other value lies within
+#: :data:`FILL_GAP_HU` of it (air is noisy; air clipped at -1024 has its neighbours right above).
+FILL_SHARE, FILL_GAP_HU = 0.001, 100.0
+
+
 def ct_levels(array: np.ndarray) -> tuple[float, float]:
     """The air and bone levels of a CT (its own calibration): the medians of the lowest and highest
-    of three multi-Otsu classes of its voxels (at most 2 million of them, evenly strided)."""
+    of three multi-Otsu classes of its voxels (at most 2 million of them, evenly strided), leaving
+    out a constant fill outside the reconstructed field of view (:data:`FILL_SHARE`)."""
     from skimage.filters import threshold_multiotsu
 
     values = np.asarray(array, dtype=np.float32).ravel()
     values = values[np.isfinite(values)][:: max(1, values.size // 2_000_000)]
+    if values.size:
+        at_floor = values == values.min()
+        rest = values[~at_floor]
+        if at_floor.mean() >= FILL_SHARE and rest.size and np.ptp(rest) > 0 and rest.min() - values.min() > FILL_GAP_HU:
+            values = rest
     if values.size < 27 or np.ptp(values) <= 0:
         raise MicroCTSynthError("The CT has no contrast to find its air and bone levels from.")
     try:

@@ -304,7 +304,7 @@ def test_models_command_lists_every_card(capsys):
 
 
 # -- calibration to the training CTs' air and bone levels -------------------------------------------
-def test_calibration_undoes_a_scanners_scale_and_offset():
+def test_calibration_undoes_a_scanners_scale_and_offset(monkeypatch):
     from MicroCTSynthLib.data import calibrate_ct, ct_levels
 
     ct = synthetic_case(32, seed=4)["ct_registered"]
@@ -314,6 +314,18 @@ def test_calibration_undoes_a_scanners_scale_and_offset():
         assert np.allclose(calibrate_ct(ct * gain + offset, (air, bone)), ct, atol=0.5)
     with pytest.raises(MicroCTSynthError, match="no clear air and bone"):
         ct_levels(np.random.default_rng(0).normal(40.0, 10.0, (16, 16, 16)))
+    # A fill outside the reconstructed field of view (Siemens' -3024) is not air; air clipped at
+    # -1024, as many scanners store it, still is.
+    z, y, x = np.indices(ct.shape)
+    outside = np.hypot(y - 15.5, x - 15.5) > 15.0
+    assert ct_levels(np.where(outside, -3024.0, ct)) == pytest.approx(ct_levels(ct[:, ~outside[0]]), abs=1.0)
+    clipped = np.maximum(ct, np.percentile(ct, 5))
+    kept = ct_levels(clipped)
+    import MicroCTSynthLib.data as data
+
+    monkeypatch.setattr(data, "FILL_SHARE", 2.0)  # no fill ever
+    assert ct_levels(clipped) == kept
+    monkeypatch.undo()
     with pytest.raises(MicroCTSynthError, match="fewer than three grey values.*label map"):
         ct_levels(np.where(np.arange(4096).reshape(16, 16, 16) % 2, 1500.0, -1000.0))  # a mask loaded as the CT
 
