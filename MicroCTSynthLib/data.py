@@ -64,8 +64,9 @@ def ct_levels(array: np.ndarray) -> tuple[float, float]:
     out a constant fill outside the reconstructed field of view (:data:`FILL_SHARE`)."""
     from skimage.filters import threshold_multiotsu
 
-    values = np.asarray(array, dtype=np.float32).ravel()
-    values = values[np.isfinite(values)][:: max(1, values.size // 2_000_000)]
+    flat = np.asarray(array).reshape(-1)  # a view of a whole CT, not a float copy of it
+    values = flat[:: max(1, flat.size // 2_000_000)].astype(np.float32)
+    values = values[np.isfinite(values)]
     if values.size:
         at_floor = values == values.min()
         rest = values[~at_floor]
@@ -92,7 +93,11 @@ def calibrate_ct(array: np.ndarray, levels, own=None) -> np.ndarray:
     air, bone = ct_levels(array) if own is None else own
     target_air, target_bone = (float(v) for v in levels)
     scale = (target_bone - target_air) / (bone - air)
-    return ((np.asarray(array, dtype=np.float32) - air) * scale + target_air).astype(np.float32)
+    out = np.array(array, dtype=np.float32)  # the one copy: the rest is in place
+    out -= np.float32(air)
+    out *= np.float32(scale)
+    out += np.float32(target_air)
+    return out
 
 
 def harmonize_ct(array: np.ndarray, spacing_xyz, fwhm_mm: float) -> np.ndarray:
@@ -135,14 +140,15 @@ class Normalization:
             raise MicroCTSynthError(f"The CT's harmonising blur must be 0-5 mm FWHM, not {fwhm!r}.")
         self.ct_harmonize_fwhm_mm = float(fwhm)
 
-    def calibrate(self, array: np.ndarray) -> np.ndarray:
-        """A whole CT calibrated to the training CTs' air and bone levels (as is without ``ct_levels``)."""
-        return array if self.ct_levels is None else calibrate_ct(array, self.ct_levels)
+    def calibrate(self, array: np.ndarray, own=None) -> np.ndarray:
+        """A whole CT calibrated to the training CTs' air and bone levels (as is without ``ct_levels``);
+        ``own``: the CT's own levels when ``array`` is only a part of it (:func:`ct_levels` of the whole)."""
+        return array if self.ct_levels is None else calibrate_ct(array, self.ct_levels, own)
 
-    def prepare_ct(self, array: np.ndarray, spacing_xyz) -> np.ndarray:
-        """A whole CT (HU, voxel size ``spacing_xyz`` mm) as the network was trained to see it:
-        calibrated (:meth:`calibrate`), then blurred by the harmonising kernel (:func:`harmonize_ct`)."""
-        return harmonize_ct(self.calibrate(array), spacing_xyz, self.ct_harmonize_fwhm_mm)
+    def prepare_ct(self, array: np.ndarray, spacing_xyz, own=None) -> np.ndarray:
+        """A CT (HU, voxel size ``spacing_xyz`` mm) as the network was trained to see it: calibrated
+        (:meth:`calibrate`, ``own`` as there), then blurred by the harmonising kernel (:func:`harmonize_ct`)."""
+        return harmonize_ct(self.calibrate(array, own), spacing_xyz, self.ct_harmonize_fwhm_mm)
 
     def ct_to_net(self, a: np.ndarray) -> np.ndarray:
         return _to_unit(a, *self.ct_window)

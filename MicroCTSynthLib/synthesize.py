@@ -50,7 +50,7 @@ from .inference import WindowPredictor, resolve_batch_size, resolve_device
 from .labels import AIR, OUTSIDE
 from .progress import Progress, log, report_result, warn
 from .tiling import SYNTHESIS_OVERLAP, check_overlap, patch_starts
-from .volume import Volume, read_volume, write_volume
+from .volume import FWHM_PER_SIGMA, Volume, read_volume, write_volume
 
 #: Output voxels of one slab (before the patch-sized halo); 2**24 keeps a 400³ synthesis of
 #: the paper's network well within 8 GB on a CPU.
@@ -366,6 +366,22 @@ def _resample(image: sitk.Image, grid: Volume, start_xyz, size_xyz, interpolator
     out = sitk.Resample(image, [int(s) for s in size_xyz], sitk.Transform(), interpolator, tuple(origin),
                         grid.spacing, grid.direction, float(default), pixel_type)
     return sitk.GetArrayFromImage(out)
+
+
+def crop_to_grid(ct: Volume, grid: Volume, margin_mm: float) -> Volume:
+    """The part of ``ct`` that a synthesis onto ``grid`` can read: the CT voxels within ``margin_mm``
+    of the grid's box (and two more, for linear interpolation), a view of the CT's array, not a
+    copy; the CT itself where that is all of it or none (the synthesis then says so)."""
+    n = np.asarray(grid.size, dtype=float)
+    corners = np.array([[x, y, z] for x in (-0.5, n[0] - 0.5) for y in (-0.5, n[1] - 0.5) for z in (-0.5, n[2] - 0.5)])
+    index = ct.continuous_indices(grid.physical_points(corners))  # (8, 3) x, y, z of the CT
+    reach = float(margin_mm) / np.asarray(ct.spacing) + 2.0  # a ball of margin_mm, in each CT axis' voxels
+    lo = np.maximum(np.floor(index.min(axis=0) - reach), 0).astype(int)
+    hi = np.minimum(np.ceil(index.max(axis=0) + reach) + 1, ct.size).astype(int)
+    if np.any(hi <= lo) or (np.all(lo == 0) and np.all(hi == np.asarray(ct.size))):
+        return ct
+    array = ct.array[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
+    return Volume(array, ct.spacing, ct.physical_points(lo)[0], ct.direction)
 
 
 def field_of_view(ct: Volume | sitk.Image, grid: Volume) -> np.ndarray:
@@ -774,7 +790,7 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=None, b
     :func:`synthesize_on_grid`.
     """
     from .checkpoint import load_generator
-    from .data import Normalization
+    from .data import Normalization, ct_levels
 
     if not isinstance(ct, Volume):
         ct = read_volume(ct, "The CT")
@@ -786,9 +802,18 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=None, b
     if doubt:
         warn(doubt, _mode(progress))
     normalization = Normalization.from_dict(meta["normalization"])
+    patch_size = int(meta.get("patch_size") or 0)
+    if patch_size <= 0 or patch_size % 4:
+        raise MicroCTSynthError(f"The model file's patch size {patch_size} is not a positive multiple of 4.")
+    spacing = model_spacing(meta)
+    grid = output_grid(ct, spacing, roi=roi, reference=reference)
     # A model trained with ct_calibration sees CTs calibrated to its training scanners' air and bone
-    # levels, and one trained with ct_harmonize_fwhm_mm sees them blurred as its training CTs were.
-    ct = ct.with_array(normalization.prepare_ct(ct.array, ct.spacing))
+    # levels (the whole CT's own), and one trained with ct_harmonize_fwhm_mm sees them blurred as
+    # its training CTs were; only the part of the CT that the windows reach is prepared.
+    own = ct_levels(ct.array) if normalization.ct_levels is not None else None
+    reach_mm = patch_size * max(spacing) + 3.0 * normalization.ct_harmonize_fwhm_mm / FWHM_PER_SIGMA
+    part = crop_to_grid(ct, grid, reach_mm)
+    ct = part.with_array(normalization.prepare_ct(part.array, part.spacing, own))
     multitask = meta.get("model") == "multi" or bool(meta.get("generator_args", {}).get("multitask", False))
     image_head = meta.get("model") != "segmenter"
     if not image_head and (precision is None or str(precision).lower() == "auto"):
@@ -796,11 +821,6 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=None, b
         # maps agreed with fp32 to Dice 0.985-0.986 only (soft tissue, the shipped segmenter on
         # quick phantom specimens; 0.991 on a GPU), below the 0.99 every bf16 shortcut must keep.
         precision = "fp32"
-    patch_size = int(meta.get("patch_size") or 0)
-    if patch_size <= 0 or patch_size % 4:
-        raise MicroCTSynthError(f"The model file's patch size {patch_size} is not a positive multiple of 4.")
-    spacing = model_spacing(meta)
-    grid = output_grid(ct, spacing, roi=roi, reference=reference)
     from .memory import check_memory, synthesis_bytes
 
     voxels = float(np.prod(grid.shape)) + float(np.prod(regrid(grid, spacing).shape))

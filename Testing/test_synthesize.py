@@ -390,7 +390,7 @@ def test_generator_dropout_and_multitask_head():
 
 
 # -- end to end: checkpoint, synthesize, command line ---------------------------------------------
-def make_checkpoint(path, multitask=False, downsample=1, head_bias=None):
+def make_checkpoint(path, multitask=False, downsample=1, head_bias=None, normalization=None):
     from MicroCTSynthLib.checkpoint import save_checkpoint
     from MicroCTSynthLib.networks import Generator
     from MicroCTSynthLib.presets import load_preset
@@ -405,7 +405,8 @@ def make_checkpoint(path, multitask=False, downsample=1, head_bias=None):
     preset = load_preset("tiny")
     return save_checkpoint(path, {
         "model": "multi" if multitask else "single", "epoch": 0, "generator": generator.state_dict(),
-        "generator_args": generator.arguments, "normalization": Normalization((-1000.0, 3000.0), (0.0, 1.0)).to_dict(),
+        "generator_args": generator.arguments,
+        "normalization": (normalization or Normalization((-1000.0, 3000.0), (0.0, 1.0))).to_dict(),
         "preset": preset, "spacing_mm": [0.0752] * 3, "patch_size": 16, "downsample": downsample,
         "val_loss": None, "history": [],
     })
@@ -446,6 +447,37 @@ def test_synthesize_from_a_checkpoint(tmp_path):
     assert np.all(labelled.tissue.array == 3) and labelled.tissue.shape == (16, 16, 16)
     with pytest.raises(MicroCTSynthError, match="does not exist"):
         synthesize(ct, tmp_path / "missing.pt", roi=(BLOB, 1.8))
+
+
+def test_only_the_part_of_the_ct_the_windows_reach_is_prepared(tmp_path, monkeypatch):
+    """A region of a large oblique CT is synthesized from the CT cropped to what its windows reach
+    (a view, calibrated with the whole CT's own levels, blurred as the model's CTs were): the same
+    synthetic micro-CT and tissue map as from the whole CT."""
+    from MicroCTSynthLib import synthesize as module
+
+    ct = blob_ct(BLOB, size=64)
+    ct = ct.with_array(ct.array + np.random.default_rng(1).normal(0.0, 40.0, ct.shape).astype(np.float32))
+    grid = output_grid(ct, 0.0752, roi=(BLOB, 1.8))
+    part = module.crop_to_grid(ct, grid, 16 * 0.0752)
+    assert np.prod(part.shape) < np.prod(ct.shape) / 20 and np.shares_memory(part.array, ct.array)
+    corner = np.array([[3.0, 5.0, 7.0]])
+    inside = part.physical_points(corner)
+    assert np.allclose(ct.continuous_indices(inside), np.rint(ct.continuous_indices(inside)), atol=1e-6)
+    x, y, z = np.rint(ct.continuous_indices(inside)[0]).astype(int)
+    assert part.array[7, 5, 3] == ct.array[z, y, x]
+    models = {
+        "single": make_checkpoint(tmp_path / "single.pt"),
+        "calibrated, harmonized multitask": make_checkpoint(
+            tmp_path / "multi.pt", multitask=True,
+            normalization=Normalization((-1000.0, 3000.0), (0.0, 1.0), ct_levels=(-950.0, 1600.0), ct_harmonize_fwhm_mm=0.6)),
+    }
+    for name, model in models.items():
+        cropped = module.synthesize(ct, model, roi=(BLOB, 1.8), device="cpu", backend="torch")
+        with monkeypatch.context() as m:
+            m.setattr(module, "crop_to_grid", lambda ct, grid, margin_mm: ct)
+            whole = module.synthesize(ct, model, roi=(BLOB, 1.8), device="cpu", backend="torch")
+        np.testing.assert_allclose(cropped.microct.array, whole.microct.array, atol=1e-5, err_msg=name)
+        assert np.array_equal(cropped.tissue.array, whole.tissue.array), name
 
 
 def test_command_line(tmp_path, capsys):
