@@ -760,6 +760,40 @@ def coarser_than_training(ct_spacing, meta: dict) -> str | None:
             "thinner slices or a smaller voxel size gives a better one.")
 
 
+def air_above_training(air_level: float, meta: dict) -> str | None:
+    """A sentence when a CT's air (its :func:`~MicroCTSynthLib.data.ct_levels`) is brighter than in
+    any CT the model's training drew (air at -1000 HU under the calibration randomisation,
+    ``augment_gain`` x ``augment_offset_hu``), else None: such a CT is likely not in Hounsfield units.
+    Darker air is clipped by the CT window, so it is not doubtful; models that calibrate each CT
+    (``ct_calibration``) or were trained without that randomisation say nothing."""
+    preset = meta.get("preset") or {}
+    gain, offset = preset.get("augment_gain"), preset.get("augment_offset_hu")
+    if not gain or not offset or float(preset.get("augment_probability") or 0.0) <= 0.0:
+        return None
+    brightest = -1000.0 * min(float(g) for g in gain) + max(float(o) for o in offset)
+    if air_level <= brightest:
+        return None
+    return (f"The CT's air lies at {air_level:.0f}, brighter than in any CT this model was trained on (at most "
+            f"{brightest:.0f} HU): the CT may not be in Hounsfield units (values stored without their rescale "
+            "intercept, a cone-beam CT's own grey scale), and its tissue map may be wrong. A model trained with CT "
+            "calibration (the shipped multitask model) maps each CT's own air and bone first.")
+
+
+def doubts_about_ct(ct: Volume, meta: dict, calibrated: bool) -> list[str]:
+    """What a user should hear about a CT the model will still run on: voxels coarser than its
+    training's (:func:`coarser_than_training`) and, for a model that does not calibrate each CT
+    itself, air brighter than its training's (:func:`air_above_training`)."""
+    from .data import ct_levels
+
+    doubts = [coarser_than_training(ct.spacing, meta)]
+    if not calibrated:
+        try:
+            doubts.append(air_above_training(ct_levels(ct.array)[0], meta))
+        except MicroCTSynthError:  # no air and bone to measure: the network runs on the CT as it is
+            pass
+    return [d for d in doubts if d]
+
+
 def model_spacing(meta: dict) -> tuple[float, float, float]:
     """The model's voxel size: the checkpoint's ``spacing_mm`` x its ``downsample``."""
     spacing = meta.get("spacing_mm")
@@ -798,9 +832,6 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=None, b
         reference = read_volume(reference, "The reference grid")
     dev = resolve_device(device)
     generator, meta = load_generator(model_path, device=dev)
-    doubt = coarser_than_training(ct.spacing, meta)
-    if doubt:
-        warn(doubt, _mode(progress))
     normalization = Normalization.from_dict(meta["normalization"])
     patch_size = int(meta.get("patch_size") or 0)
     if patch_size <= 0 or patch_size % 4:
@@ -811,6 +842,8 @@ def synthesize(ct: Volume, model_path, roi=None, reference=None, overlap=None, b
     # levels (the whole CT's own), and one trained with ct_harmonize_fwhm_mm sees them blurred as
     # its training CTs were; only the part of the CT that the windows reach is prepared.
     own = ct_levels(ct.array) if normalization.ct_levels is not None else None
+    for doubt in doubts_about_ct(ct, meta, calibrated=own is not None):
+        warn(doubt, _mode(progress))
     reach_mm = patch_size * max(spacing) + 3.0 * normalization.ct_harmonize_fwhm_mm / FWHM_PER_SIGMA
     part = crop_to_grid(ct, grid, reach_mm)
     ct = part.with_array(normalization.prepare_ct(part.array, part.spacing, own))

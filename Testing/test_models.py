@@ -246,6 +246,25 @@ def test_a_ct_coarser_than_the_training_says_so_and_is_still_synthesized(capsys)
     assert f"up to 0.7 mm, coarser than any this model was trained on (up to {limit:.3g} mm)" in capsys.readouterr().err
 
 
+def test_a_ct_not_in_hounsfield_units_says_so_where_the_model_does_not_calibrate(phantom_case, capsys):
+    """Stored values without their rescale intercept (air at about 0, water at 1024): the
+    uncalibrated models warn, the multitask model, which calibrates each CT, does not need to."""
+    from MicroCTSynthLib.synthesize import air_above_training
+
+    meta = {"preset": {"augment_probability": 0.8, "augment_gain": [0.6, 1.4], "augment_offset_hu": [-400.0, 300.0]}}
+    assert air_above_training(-1000.0, meta) is None and air_above_training(-300.0, meta) is None
+    assert "air lies at -250, brighter than in any CT this model was trained on (at most -300 HU)" in air_above_training(-250.0, meta)
+    assert air_above_training(24.0, {"preset": {**meta["preset"], "augment_probability": 0.0}}) is None
+    ct, _ = phantom_case
+    raw = ct.with_array(ct.array + 1024.0)
+    for model in ("single", "segmenter", "multi"):
+        card = next(c for c in SHIPPED.values() if c["model"] == model)
+        synthesize(ct, shipped_checkpoint(card), reference=ct, device="cpu", progress="none")
+        assert "Hounsfield" not in capsys.readouterr().err, model
+        synthesize(raw, shipped_checkpoint(card), reference=ct, device="cpu", progress="none")
+        assert ("not be in Hounsfield units" in capsys.readouterr().err) == (model != "multi"), model
+
+
 def test_shipped_model_with_a_damaged_file_is_refused(tmp_path):
     card = dict(next(iter(SHIPPED.values())))
     copy = tmp_path / card["checkpoint"]
