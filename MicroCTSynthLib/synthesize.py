@@ -44,6 +44,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from . import augment
 from .choices import BLEND_MODES
 from .errors import MicroCTSynthError
 from .inference import WindowPredictor, resolve_batch_size, resolve_device
@@ -750,7 +751,7 @@ def coarser_than_training(ct_spacing, meta: dict) -> str | None:
     nothing (their training CTs' voxel size is not in the checkpoint)."""
     preset = meta.get("preset") or {}
     bounds = preset.get("augment_voxel_mm")
-    if not bounds or float(preset.get("augment_probability") or 0.0) <= 0.0:
+    if not bounds or not augment.enabled(preset):
         return None
     coarsest, limit = max(float(v) for v in ct_spacing), float(bounds[1])
     if coarsest <= limit * 1.001:
@@ -768,7 +769,7 @@ def air_above_training(air_level: float, meta: dict) -> str | None:
     (``ct_calibration``) or were trained without that randomisation say nothing."""
     preset = meta.get("preset") or {}
     gain, offset = preset.get("augment_gain"), preset.get("augment_offset_hu")
-    if not gain or not offset or float(preset.get("augment_probability") or 0.0) <= 0.0:
+    if not gain or not offset or not augment.enabled(preset):
         return None
     brightest = -1000.0 * min(float(g) for g in gain) + max(float(o) for o in offset)
     if air_level <= brightest:
