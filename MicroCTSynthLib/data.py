@@ -68,9 +68,10 @@ def ct_levels(array: np.ndarray) -> tuple[float, float]:
     values = flat[:: max(1, flat.size // 2_000_000)].astype(np.float32)
     values = values[np.isfinite(values)]
     if values.size:
-        at_floor = values == values.min()
+        floor = values.min()
+        at_floor = values == floor
         rest = values[~at_floor]
-        if at_floor.mean() >= FILL_SHARE and rest.size and np.ptp(rest) > 0 and rest.min() - values.min() > FILL_GAP_HU:
+        if at_floor.mean() >= FILL_SHARE and rest.size and np.ptp(rest) > 0 and rest.min() - floor > FILL_GAP_HU:
             values = rest
     if values.size < 27 or np.ptp(values) <= 0:
         raise MicroCTSynthError("The CT has no contrast to find its air and bone levels from.")
